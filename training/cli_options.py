@@ -1,0 +1,69 @@
+"""Typer commands whose flags come from dataclass fields, optionally filled from a YAML/JSON config file.
+
+Each field becomes `--field-name` with the field's help text. Precedence: flag on the command line >
+value in `--config FILE` > the dataclass default.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+import yaml
+
+CONFIG_HELP = "YAML or JSON file with the same options (flat, or grouped by section); flags override it."
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise typer.BadParameter(f"{path}: no such config file", param_hint="--config")
+    text = path.read_text()
+    loaded = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise typer.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--config")
+    flat: dict[str, Any] = {}
+    for key, value in loaded.items():
+        flat.update(value if isinstance(value, dict) and key in ("data", "model", "training", "distill", "evaluation", "pretrain") else {key: value})
+    return {k.replace("-", "_"): v for k, v in flat.items()}
+
+
+def dataclass_command(*classes: type) -> Callable:
+    """Decorate `fn(*instances)`: the wrapped command takes every field of `classes` as a flag, plus --config."""
+
+    def decorate(fn: Callable) -> Callable:
+        params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+        owner = {}
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            for f in fields(cls):
+                default = f.default if f.default is not MISSING else f.default_factory()
+                option = typer.Option(help=f.metadata.get("help", ""))
+                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=Annotated[hints[f.name], option]))
+                owner[f.name] = cls
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                        annotation=Annotated[Path | None, typer.Option(help=CONFIG_HELP)]))
+
+        @functools.wraps(fn)
+        def command(ctx: typer.Context, **values: Any) -> Any:
+            from_file = read_config_file(values.pop("config"))
+            unknown = sorted(set(from_file) - set(owner))
+            if unknown:
+                raise typer.BadParameter(f"unknown option(s) in config file: {unknown}", param_hint="--config")
+            for name, value in from_file.items():
+                if ctx.get_parameter_source(name).name not in ("COMMANDLINE", "ENVIRONMENT"):
+                    values[name] = value
+            return fn(*(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in classes))
+
+        command.__signature__ = inspect.Signature(params)
+        return command
+
+    return decorate

@@ -1,0 +1,309 @@
+"""Word-level multi-level distillation loss: hidden states and attention maps compared on aligned words.
+
+Student and teacher use different tokenizers, so both are pooled onto the words of a
+`WordAlignment` before any comparison:
+
+- hidden states: the mean of a word's token states (`pool_words`);
+- attention maps: query rows averaged over a word's tokens, keys summed over a word's tokens
+  (`word_attention`), so that both maps are [words x words] over the same words. Keys outside
+  every aligned word are left out, so a word row sums to the attention paid to aligned words.
+
+Layers are numbered from 1 (the output of encoder layer 1) to the depth of the model, as in
+`hidden_states[i]` and `attentions[i - 1]` of a Hugging Face encoder. The embeddings
+(`hidden_states[0]`) never take part: they are lexical, tied to each model's own vocabulary, and
+have no attention map.
+
+Everything is batched tensor algebra; the only Python loops run over mapped layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+HiddenLoss = Literal["mse", "cosine"]
+AttentionLoss = Literal["mse", "kl"]
+LayerMap = list[tuple[int, int]]
+
+_TINY = 1e-12
+
+
+@dataclass
+class DistillLossOptions:
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the hidden-state loss added to the student's CE."})
+    beta: float = field(default=0.1, metadata={"help": "Weight of the attention loss added to the student's CE."})
+    hidden_loss: HiddenLoss = field(
+        default="mse", metadata={"help": "'mse' (mean over features) or 'cosine' (1 - cosine similarity)."}
+    )
+    attention_loss: AttentionLoss = field(
+        default="mse",
+        metadata={"help": "'mse' over a word's row, or 'kl' (teacher || student) of the row renormalised over words."},
+    )
+    layer_map: LayerMap | None = field(
+        default=None,
+        metadata={
+            "help": "(student layer, teacher layer) pairs, counted from 1 (embeddings excluded); "
+            "None: one pair per layer of the shallower model, spread uniformly (see uniform_layer_map)."
+        },
+    )
+
+
+@dataclass
+class TeacherWordFeatures:
+    """The teacher's word-pooled features on the mapped layers (live or from a cache); never trained."""
+
+    hidden: torch.Tensor  # [L_map, B, W, D_teacher]
+    attention: torch.Tensor  # [L_map, B, H_teacher or 1, W, W]
+
+
+@dataclass
+class DistillLossOutput:
+    total: torch.Tensor  # alpha * hidden + beta * attention, with its graph
+    hidden: torch.Tensor  # detached, for logging
+    attention: torch.Tensor  # detached, for logging
+    num_words: int  # aligned words in this batch
+
+
+class EncoderOutputs(Protocol):
+    hidden_states: Sequence[torch.Tensor] | None
+    attentions: Sequence[torch.Tensor] | None
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> LayerMap:
+    """One pair per layer of the shallower model, ending on both last layers: 12 vs 6 -> (2,1), (4,2) .. (12,6)."""
+    pairs = min(student_layers, teacher_layers)
+    return [(k * student_layers // pairs, k * teacher_layers // pairs) for k in range(1, pairs + 1)]
+
+
+def pool_words(hidden: torch.Tensor, word_index: torch.Tensor, num_words: int) -> torch.Tensor:
+    """Mean of each word's token states: [..., B, T, D] -> [..., B, W, D] (leading dims e.g. layers).
+
+    `word_index` [B, T] is the word slot of each token, -1 for none. Empty slots pool to zeros.
+    """
+    positions, slots = _word_tokens(word_index)
+    tokens = hidden.gather(-2, positions[:, :, None].expand(*hidden.shape[:-2], positions.shape[1], hidden.shape[-1]))
+    assignment = _assignment(slots, num_words, hidden.dtype)
+    counts = assignment.sum(dim=1).clamp(min=1)
+    return (assignment.transpose(1, 2) @ tokens) / counts[:, :, None]
+
+
+def word_attention(attention: torch.Tensor, word_index: torch.Tensor, num_words: int) -> torch.Tensor:
+    """Word-to-word attention: [..., B, H, T, T] -> [..., B, H, W, W].
+
+    Entry (v, w) is the attention from word v to word w: query rows averaged over v's tokens,
+    keys summed over w's tokens.
+    """
+    positions, slots = _word_tokens(word_index)
+    kept = positions.shape[1]
+    rows = attention.gather(-2, positions[:, None, :, None].expand(*attention.shape[:-2], kept, attention.shape[-1]))
+    between_words = rows.gather(-1, positions[:, None, None, :].expand(*rows.shape[:-1], kept))
+    assignment = _assignment(slots, num_words, attention.dtype)
+    row_average = assignment / assignment.sum(dim=1, keepdim=True).clamp(min=1)
+    return row_average.transpose(1, 2)[:, None] @ between_words @ assignment[:, None]
+
+
+def logit_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Hinton KD: KL(teacher || student) of the temperature-softened class distributions, times T^2, per note."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+    return F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    ) * temperature**2
+
+
+class MultiLevelDistillLoss(nn.Module):
+    """alpha * hidden-state loss + beta * attention loss over the aligned words of a batch.
+
+    Holds the one trainable part of distillation, the projection from the student's width to the
+    teacher's (a `nn.Linear` when the widths differ). It trains with the student and is not part
+    of the exported student model. Attention is compared head by head when both models have as
+    many heads, and as the mean over heads otherwise.
+
+    Each aligned word contributes its loss averaged over mapped layers (and heads); a batch loss is
+    the sum over aligned words divided by `normalizer`: by default the number of aligned words in
+    the batch, or the count of the whole accumulated batch under gradient accumulation.
+    """
+
+    def __init__(
+        self,
+        student_config: PretrainedConfig,
+        teacher_config: PretrainedConfig,
+        options: DistillLossOptions | None = None,
+    ) -> None:
+        super().__init__()
+        self.options = options or DistillLossOptions()
+        if self.options.hidden_loss not in ("mse", "cosine"):
+            raise ValueError(f"hidden_loss must be 'mse' or 'cosine', got {self.options.hidden_loss!r}")
+        if self.options.attention_loss not in ("mse", "kl"):
+            raise ValueError(f"attention_loss must be 'mse' or 'kl', got {self.options.attention_loss!r}")
+        self.student_depth = student_config.num_hidden_layers
+        self.teacher_depth = teacher_config.num_hidden_layers
+        self.layer_map = self.options.layer_map or uniform_layer_map(self.student_depth, self.teacher_depth)
+        self._check_layer_map()
+        self.average_heads = student_config.num_attention_heads != teacher_config.num_attention_heads
+        self.projection: nn.Module = (
+            nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
+            if student_config.hidden_size != teacher_config.hidden_size
+            else nn.Identity()
+        )
+
+    @torch.no_grad()
+    def teacher_word_features(
+        self, teacher_outputs: EncoderOutputs, teacher_word_index: torch.Tensor, num_words: int
+    ) -> TeacherWordFeatures:
+        """Pools a live teacher's outputs (called with output_hidden_states and output_attentions) onto the words."""
+        hidden_states, attentions = _hidden_and_attentions(teacher_outputs, self.teacher_depth, "teacher")
+        teacher_layers = [t for _, t in self.layer_map]
+        hidden = pool_words(torch.stack([hidden_states[t] for t in teacher_layers]), teacher_word_index, num_words)
+        attention = torch.stack(
+            [word_attention(self._heads(attentions[t - 1]), teacher_word_index, num_words) for t in teacher_layers]
+        )
+        return TeacherWordFeatures(hidden=hidden.float(), attention=attention.float())
+
+    def forward(
+        self,
+        student_hidden_states: Sequence[torch.Tensor],
+        student_attentions: Sequence[torch.Tensor],
+        student_word_index: torch.Tensor,
+        word_mask: torch.Tensor,
+        teacher: TeacherWordFeatures,
+        normalizer: float | torch.Tensor | None = None,
+    ) -> DistillLossOutput:
+        """Loss of one batch; `student_*` come from the student called with output_hidden_states/attentions."""
+        self._check_inputs(student_hidden_states, student_attentions, student_word_index, word_mask, teacher)
+        num_words = word_mask.shape[1]
+        student_layers = [s for s, _ in self.layer_map]
+
+        student_hidden = pool_words(
+            torch.stack([student_hidden_states[s] for s in student_layers]), student_word_index, num_words
+        )
+        # One layer at a time: a stack of full [B, H, T, T] maps would be large.
+        student_attention = torch.stack(
+            [word_attention(self._heads(student_attentions[s - 1]), student_word_index, num_words) for s in student_layers]
+        )
+        hidden_per_word = self._hidden_loss(self.projection(student_hidden.float()), teacher.hidden.detach())
+        attention_per_word = self._attention_loss(student_attention.float(), teacher.attention.detach(), word_mask)
+
+        aligned = int(word_mask.sum())
+        denominator = torch.as_tensor(aligned if normalizer is None else normalizer, dtype=torch.float32)
+        denominator = denominator.to(hidden_per_word.device).clamp(min=1)
+        hidden = torch.where(word_mask, hidden_per_word, 0).sum() / denominator
+        attention = torch.where(word_mask, attention_per_word, 0).sum() / denominator
+        return DistillLossOutput(
+            total=self.options.alpha * hidden + self.options.beta * attention,
+            hidden=hidden.detach(),
+            attention=attention.detach(),
+            num_words=aligned,
+        )
+
+    def _heads(self, attention: torch.Tensor) -> torch.Tensor:
+        return attention.mean(dim=-3, keepdim=True) if self.average_heads else attention
+
+    def _hidden_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """[L, B, W, D] pairs -> [B, W] loss of each word, averaged over layers."""
+        if self.options.hidden_loss == "mse":
+            per_layer = (student - teacher).pow(2).mean(dim=-1)
+        else:
+            per_layer = 1 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(dim=-1)
+        return per_layer.mean(dim=0)
+
+    def _attention_loss(self, student: torch.Tensor, teacher: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """[L, B, H, W, W] word maps -> [B, W] loss of each word's row, averaged over layers and heads."""
+        keys = word_mask[:, None, None, :]  # [B, 1, 1, W], broadcast over layers, heads and rows
+        if self.options.attention_loss == "mse":
+            squared = torch.where(keys, (student - teacher).pow(2), 0).sum(dim=-1)
+            per_row = squared / word_mask.sum(dim=1).clamp(min=1)[:, None, None]
+        else:
+            teacher_p = _renormalise(teacher, keys)
+            student_log_p = torch.where(keys, _renormalise(student, keys).clamp(min=_TINY).log(), 0)
+            per_row = (torch.xlogy(teacher_p, teacher_p) - teacher_p * student_log_p).sum(dim=-1)
+        return per_row.mean(dim=(0, 2))
+
+    def _check_layer_map(self) -> None:
+        if not self.layer_map:
+            raise ValueError("layer_map is empty")
+        for student_layer, teacher_layer in self.layer_map:
+            if not (1 <= student_layer <= self.student_depth and 1 <= teacher_layer <= self.teacher_depth):
+                raise ValueError(
+                    f"layer_map pair ({student_layer}, {teacher_layer}) is outside 1..{self.student_depth} (student) "
+                    f"and 1..{self.teacher_depth} (teacher); layers count from 1, embeddings are not mapped"
+                )
+
+    def _check_inputs(
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        attentions: Sequence[torch.Tensor],
+        word_index: torch.Tensor,
+        word_mask: torch.Tensor,
+        teacher: TeacherWordFeatures,
+    ) -> None:
+        _check_depth(hidden_states, attentions, self.student_depth, "student")
+        if word_index.shape != hidden_states[0].shape[:2]:
+            raise ValueError(
+                f"student_word_index {tuple(word_index.shape)} does not match the student's [batch, tokens] "
+                f"{tuple(hidden_states[0].shape[:2])}"
+            )
+        layers, batch, words = len(self.layer_map), word_mask.shape[0], word_mask.shape[1]
+        if teacher.hidden.shape[:3] != (layers, batch, words) or teacher.attention.shape[:2] != (layers, batch):
+            raise ValueError(
+                f"teacher features {tuple(teacher.hidden.shape)} / {tuple(teacher.attention.shape)} do not match "
+                f"{layers} mapped layers, batch {batch} and {words} words"
+            )
+        if teacher.attention.shape[-2:] != (words, words):
+            raise ValueError(f"teacher word attention {tuple(teacher.attention.shape)} is not over {words} words")
+
+
+def _word_tokens(word_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [B, K] of the tokens inside words (K = most such tokens in a note) and their slots [B, K].
+
+    Pooling only these tokens skips the rest of the sequence; the padding positions of notes with
+    fewer word tokens point at tokens outside words, so their slot is -1 and they pool to nothing.
+    """
+    in_word = word_index >= 0
+    kept = int(in_word.sum(dim=1).max()) if word_index.numel() else 0
+    positions = torch.argsort((~in_word).to(torch.int8), dim=1, stable=True)[:, :kept]
+    return positions, word_index.gather(1, positions)
+
+
+def _assignment(slots: torch.Tensor, num_words: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, K, W] one-hot word membership of each token; tokens outside words (-1) have an all-zero row."""
+    return (slots[:, :, None] == torch.arange(num_words, device=slots.device)).to(dtype)
+
+
+def _renormalise(word_map: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Each row as a distribution over the note's words (zero on slots beyond them)."""
+    masked = torch.where(keys, word_map.clamp(min=_TINY), 0)
+    return masked / masked.sum(dim=-1, keepdim=True).clamp(min=_TINY)
+
+
+def _hidden_and_attentions(
+    outputs: EncoderOutputs, depth: int, model: str
+) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]:
+    if outputs.hidden_states is None or outputs.attentions is None:
+        raise ValueError(
+            f"the {model} outputs lack hidden states or attentions: call it with output_hidden_states=True and "
+            "output_attentions=True (load it with attn_implementation='eager')"
+        )
+    _check_depth(outputs.hidden_states, outputs.attentions, depth, model)
+    return outputs.hidden_states, outputs.attentions
+
+
+def _check_depth(
+    hidden_states: Sequence[torch.Tensor], attentions: Sequence[torch.Tensor], depth: int, model: str
+) -> None:
+    if len(hidden_states) != depth + 1 or len(attentions) != depth:
+        raise ValueError(
+            f"expected {depth + 1} {model} hidden states and {depth} attention maps, "
+            f"got {len(hidden_states)} and {len(attentions)}"
+        )

@@ -1,0 +1,490 @@
+"""Clinical evaluation of an emergency classifier: metrics, bootstrap CIs, threshold policies, report.
+
+Labels are 1 = emergency, 0 = non-emergency; `prob` is the model's P(emergency). A note is
+predicted emergency when `prob >= threshold` (the convention of sklearn's `roc_curve`, so a
+threshold chosen on a ROC curve reproduces that curve's sensitivity).
+
+Every metric comes from scikit-learn. The bootstrap scores all resamples at once by laying them
+out as the columns of a multilabel problem, which sklearn's metrics score column by column.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_FREE_METRICS = ("auroc", "auprc", "brier", "ece")
+THRESHOLD_METRICS = ("f1", "precision", "sensitivity", "specificity", "accuracy")
+ECE_BINS = 10
+
+THRESHOLD_POLICIES = {
+    "prevalence": "the fraction of emergencies in the training labels (the original work's rule)",
+    "fixed-0.5": "0.5, the usual cut-off for a probability",
+    "target-sensitivity": (
+        "the highest threshold whose sensitivity on the validation set reaches the target, "
+        "so that at most the target's complement of emergencies is missed"
+    ),
+}
+
+METRIC_LABELS = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC (average precision)",
+    "brier": "Brier score (lower is better)",
+    "ece": f"ECE, {ECE_BINS} equal-width bins (lower is better)",
+    "f1": "F1",
+    "precision": "Precision (PPV)",
+    "sensitivity": "Sensitivity (recall)",
+    "specificity": "Specificity",
+    "accuracy": "Accuracy",
+}
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _as_labels(y_true, name: str = "y_true") -> np.ndarray:
+    labels = np.asarray(y_true)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {labels.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 (non-emergency) and 1 (emergency), got {np.unique(labels)[:10]}")
+    return labels.astype(np.int64)
+
+
+def _as_probabilities(prob, n: int, name: str = "prob") -> np.ndarray:
+    probabilities = np.asarray(prob, dtype=np.float64)
+    if probabilities.shape != (n,):
+        raise ValueError(f"{name} must be a 1-D array of {n} probabilities (one per label), got {probabilities.shape}")
+    if not (np.isfinite(probabilities).all() and (probabilities >= 0).all() and (probabilities <= 1).all()):
+        raise ValueError(f"{name} must hold finite probabilities in [0, 1]")
+    return probabilities
+
+
+def _require_both_classes(labels: np.ndarray, name: str = "y_true") -> None:
+    if labels.min() == labels.max():
+        raise ValueError(
+            f"{name} holds only class {labels[0]} ({labels.size} rows): "
+            "AUROC, AUPRC, sensitivity and specificity need both emergencies and non-emergencies"
+        )
+
+
+def _check_threshold(threshold: float, name: str = "threshold") -> float:
+    if not (np.isfinite(threshold) and 0 <= threshold <= 1):
+        raise ValueError(f"{name} must be a probability in [0, 1], got {threshold}")
+    return float(threshold)
+
+
+def _checked(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
+    labels = _as_labels(y_true)
+    _require_both_classes(labels)
+    return labels, _as_probabilities(prob, labels.size)
+
+
+# ---------------------------------------------------------------- point metrics
+
+
+def reliability_bins(y_true, prob) -> list[dict[str, float]]:
+    """The non-empty bins of a reliability diagram with `ECE_BINS` equal-width bins on [0, 1].
+
+    Bins are those of sklearn's `calibration_curve(strategy="uniform")`: right-closed, the first
+    one also holding 0 (a probability of exactly 0.1 falls in the first bin).
+    """
+    labels = _as_labels(y_true)
+    probabilities = _as_probabilities(prob, labels.size)
+    fraction_positive, mean_predicted = calibration_curve(labels, probabilities, n_bins=ECE_BINS, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, ECE_BINS + 1)
+    bin_ids = np.searchsorted(edges[1:-1], probabilities)  # the same assignment calibration_curve makes
+    counts = np.bincount(bin_ids, minlength=ECE_BINS)
+    occupied = np.flatnonzero(counts)
+    return [
+        {
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "count": int(counts[b]),
+            "mean_predicted": float(predicted),
+            "fraction_positive": float(observed),
+        }
+        for b, predicted, observed in zip(occupied, mean_predicted, fraction_positive, strict=True)
+    ]
+
+
+def expected_calibration_error(y_true, prob) -> float:
+    """ECE: |fraction of emergencies - mean probability| per bin, averaged weighted by bin size.
+
+    Uses `ECE_BINS` (10) equal-width bins on [0, 1], binned as in `reliability_bins`.
+    """
+    bins = reliability_bins(y_true, prob)
+    n = sum(b["count"] for b in bins)
+    return float(sum(b["count"] / n * abs(b["fraction_positive"] - b["mean_predicted"]) for b in bins))
+
+
+def _threshold_free(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    return {
+        "auroc": float(roc_auc_score(labels, probabilities)),
+        "auprc": float(average_precision_score(labels, probabilities)),
+        "brier": float(brier_score_loss(labels, probabilities)),
+        "ece": expected_calibration_error(labels, probabilities),
+    }
+
+
+def _at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
+    predicted = (probabilities >= threshold).astype(np.int64)
+    return {
+        # zero_division=0: with no predicted emergency, precision and F1 count as 0, not as undefined.
+        "f1": float(f1_score(labels, predicted, zero_division=0.0)),
+        "precision": float(precision_score(labels, predicted, zero_division=0.0)),
+        "sensitivity": float(recall_score(labels, predicted, pos_label=1)),
+        "specificity": float(recall_score(labels, predicted, pos_label=0)),
+        "accuracy": float(accuracy_score(labels, predicted)),
+    }
+
+
+def compute_metrics(y_true, prob, threshold: float) -> dict[str, float]:
+    """All metrics of one set of predictions: the threshold-free ones, those at `threshold`, n, prevalence.
+
+    Raises ValueError when `y_true` holds a single class (AUROC and friends are undefined).
+    """
+    labels, probabilities = _checked(y_true, prob)
+    threshold = _check_threshold(threshold)
+    return {
+        **_threshold_free(labels, probabilities),
+        **_at_threshold(labels, probabilities, threshold),
+        "n": float(labels.size),
+        "prevalence": float(labels.mean()),
+    }
+
+
+def confusion_counts(y_true, prob, threshold: float) -> dict[str, int]:
+    """True/false negatives/positives at `threshold` (positive = emergency)."""
+    labels, probabilities = _checked(y_true, prob)
+    predicted = (probabilities >= _check_threshold(threshold)).astype(np.int64)
+    tn, fp, fn, tp = confusion_matrix(labels, predicted, labels=[0, 1]).ravel()
+    return {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
+
+
+# ---------------------------------------------------------------- threshold policies
+
+
+def choose_threshold(
+    policy: str,
+    *,
+    train_labels=None,
+    valid_labels=None,
+    valid_prob=None,
+    target_sensitivity: float = 0.95,
+) -> float:
+    """The decision threshold of a policy (see `THRESHOLD_POLICIES`)."""
+    if policy not in THRESHOLD_POLICIES:
+        raise ValueError(f"unknown threshold policy {policy!r}; valid policies: {', '.join(THRESHOLD_POLICIES)}")
+    if policy == "fixed-0.5":
+        return 0.5
+    if policy == "prevalence":
+        if train_labels is None:
+            raise ValueError("the 'prevalence' policy needs train_labels")
+        labels = _as_labels(train_labels, "train_labels")
+        _require_both_classes(labels, "train_labels")
+        return float(labels.mean())
+    if valid_labels is None or valid_prob is None:
+        raise ValueError("the 'target-sensitivity' policy needs valid_labels and valid_prob")
+    if not 0 < target_sensitivity <= 1:
+        raise ValueError(f"target_sensitivity must be in (0, 1], got {target_sensitivity}")
+    labels = _as_labels(valid_labels, "valid_labels")
+    _require_both_classes(labels, "valid_labels")
+    probabilities = _as_probabilities(valid_prob, labels.size, "valid_prob")
+    # Keep every threshold: dropping collinear points could skip the first one that reaches the target.
+    _, sensitivity, thresholds = roc_curve(labels, probabilities, drop_intermediate=False)
+    # Thresholds decrease as sensitivity rises, so the first one reaching the target is the highest.
+    return float(thresholds[np.argmax(sensitivity >= target_sensitivity)])
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _resample_indices(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Row indices `[n_resamples, n]` of bootstrap resamples, each holding both classes.
+
+    A resample with a single class has no AUROC; it is redrawn, and the redraws are counted.
+    """
+    n = labels.size
+    indices = rng.integers(0, n, size=(n_resamples, n))
+    redrawn = 0
+    while True:
+        positives = labels[indices].sum(axis=1)
+        one_class = (positives == 0) | (positives == n)
+        if not one_class.any():
+            return indices, redrawn
+        redrawn += int(one_class.sum())
+        indices[one_class] = rng.integers(0, n, size=(int(one_class.sum()), n))
+
+
+def _resampled_threshold_free(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """Threshold-free metrics of every resample; inputs are `[n, n_resamples]`, one resample per column."""
+    columns = range(labels.shape[1])
+    return {
+        "auroc": roc_auc_score(labels, probabilities, average=None),
+        "auprc": average_precision_score(labels, probabilities, average=None),
+        # brier_score_loss and calibration_curve have no multilabel mode.
+        "brier": np.array([brier_score_loss(labels[:, c], probabilities[:, c]) for c in columns]),
+        "ece": np.array([expected_calibration_error(labels[:, c], probabilities[:, c]) for c in columns]),
+    }
+
+
+def _resampled_at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
+    """Metrics at `threshold` of every resample; inputs are `[n, n_resamples]`, one resample per column."""
+    predicted = (probabilities >= threshold).astype(np.int64)
+    return {
+        "f1": f1_score(labels, predicted, average=None, zero_division=0.0),
+        "precision": precision_score(labels, predicted, average=None, zero_division=0.0),
+        "sensitivity": recall_score(labels, predicted, average=None),
+        # Multilabel mode ignores pos_label: the specificity is the sensitivity of the flipped labels.
+        "specificity": recall_score(1 - labels, 1 - predicted, average=None),
+        # accuracy_score of a multilabel problem is the exact-match ratio over all columns, not per column.
+        "accuracy": np.array([accuracy_score(labels[:, c], predicted[:, c]) for c in range(labels.shape[1])]),
+    }
+
+
+def _interval(point: float, resampled: np.ndarray, level: float) -> dict[str, float]:
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return {"value": point, "low": float(low), "high": float(high)}
+
+
+def _check_bootstrap_options(n_resamples: int, level: float) -> None:
+    # Multilabel scoring needs at least two columns; a CI from fewer resamples means nothing anyway.
+    if n_resamples < 2:
+        raise ValueError(f"n_resamples must be at least 2, got {n_resamples}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _bootstrap(
+    labels: np.ndarray,
+    probabilities: np.ndarray,
+    thresholds: Mapping[str, float],
+    n_resamples: int,
+    seed: int,
+    level: float,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]], int]:
+    """Percentile CIs of the threshold-free metrics and of the metrics at each threshold.
+
+    All thresholds are scored on the same resamples. Returns (threshold-free CIs, CIs per
+    threshold name, number of one-class resamples redrawn).
+    """
+    indices, redrawn = _resample_indices(labels, n_resamples, np.random.default_rng(seed))
+    resampled_labels, resampled_probabilities = labels[indices].T, probabilities[indices].T
+
+    point = _threshold_free(labels, probabilities)
+    resampled = _resampled_threshold_free(resampled_labels, resampled_probabilities)
+    threshold_free = {m: _interval(point[m], resampled[m], level) for m in THRESHOLD_FREE_METRICS}
+
+    per_threshold = {}
+    for name, threshold in thresholds.items():
+        point = _at_threshold(labels, probabilities, threshold)
+        resampled = _resampled_at_threshold(resampled_labels, resampled_probabilities, threshold)
+        per_threshold[name] = {m: _interval(point[m], resampled[m], level) for m in THRESHOLD_METRICS}
+    return threshold_free, per_threshold, redrawn
+
+
+def bootstrap_ci(
+    y_true, prob, threshold: float, n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict]:
+    """Percentile bootstrap CIs: each metric of `compute_metrics` but n and prevalence -> {value, low, high}.
+
+    The same seed gives the same output. Resamples with a single class are redrawn (logged).
+    """
+    labels, probabilities = _checked(y_true, prob)
+    threshold = _check_threshold(threshold)
+    _check_bootstrap_options(n_resamples, level)
+    threshold_free, per_threshold, redrawn = _bootstrap(
+        labels, probabilities, {"threshold": threshold}, n_resamples, seed, level
+    )
+    logger.info("bootstrap: %d resamples, %d one-class resamples redrawn", n_resamples, redrawn)
+    return {**threshold_free, **per_threshold["threshold"]}
+
+
+# ---------------------------------------------------------------- report
+
+
+def evaluate(
+    y_true, prob, thresholds: Mapping[str, float], n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict:
+    """A JSON-serializable evaluation report.
+
+    `thresholds` maps a threshold policy name (see `THRESHOLD_POLICIES`; other names are allowed)
+    to its threshold. The report holds the counts, the threshold-free metrics with CIs, per
+    threshold the metrics with CIs and the confusion counts, the reliability-diagram bins, and the
+    bootstrap settings.
+    """
+    labels, probabilities = _checked(y_true, prob)
+    thresholds = {name: _check_threshold(t, f"threshold {name!r}") for name, t in thresholds.items()}
+    _check_bootstrap_options(n_resamples, level)
+    threshold_free, per_threshold, redrawn = _bootstrap(labels, probabilities, thresholds, n_resamples, seed, level)
+    return {
+        "counts": {
+            "n": int(labels.size),
+            "n_emergency": int(labels.sum()),
+            "n_non_emergency": int(labels.size - labels.sum()),
+            "prevalence": float(labels.mean()),
+        },
+        "threshold_free": threshold_free,
+        "thresholds": {
+            name: {
+                "threshold": threshold,
+                "description": THRESHOLD_POLICIES.get(name, "a threshold given by the caller"),
+                "metrics": per_threshold[name],
+                "confusion_matrix": confusion_counts(labels, probabilities, threshold),
+            }
+            for name, threshold in thresholds.items()
+        },
+        "reliability": {"n_bins": ECE_BINS, "bins": reliability_bins(labels, probabilities)},
+        "bootstrap": {
+            "method": "percentile",
+            "n_resamples": n_resamples,
+            "seed": seed,
+            "level": level,
+            "one_class_resamples_redrawn": redrawn,
+        },
+    }
+
+
+def _metric_table(metrics: Mapping[str, Mapping[str, float]], level: float) -> list[str]:
+    rows = ["| metric | value | {:.0%} CI |".format(level), "| --- | ---: | ---: |"]
+    rows += [
+        f"| {METRIC_LABELS.get(name, name)} | {m['value']:.3f} | {m['low']:.3f} – {m['high']:.3f} |"
+        for name, m in metrics.items()
+    ]
+    return rows
+
+
+def _markdown(report: Mapping, title: str) -> str:
+    counts, bootstrap = report["counts"], report["bootstrap"]
+    level = bootstrap["level"]
+    lines = [
+        f"# {title}",
+        "",
+        f"{counts['n']} notes: {counts['n_emergency']} emergency, {counts['n_non_emergency']} non-emergency "
+        f"(prevalence {counts['prevalence']:.3f}).",
+        f"CIs: {bootstrap['method']} bootstrap, {bootstrap['n_resamples']} resamples, seed {bootstrap['seed']} "
+        f"({bootstrap['one_class_resamples_redrawn']} single-class resamples redrawn).",
+        "A note is predicted emergency when P(emergency) >= threshold.",
+        "",
+        "## Threshold-free metrics",
+        "",
+        *_metric_table(report["threshold_free"], level),
+    ]
+    for name, policy in report["thresholds"].items():
+        cm = policy["confusion_matrix"]
+        lines += [
+            "",
+            f"## Threshold `{name}` = {policy['threshold']:.4f}",
+            "",
+            f"The threshold is {policy['description']}.",
+            "",
+            *_metric_table(policy["metrics"], level),
+            "",
+            "| | predicted non-emergency | predicted emergency |",
+            "| --- | ---: | ---: |",
+            f"| non-emergency | {cm['tn']} (true negative) | {cm['fp']} (false positive) |",
+            f"| emergency | {cm['fn']} (false negative) | {cm['tp']} (true positive) |",
+        ]
+    lines += ["", "Figures: `roc.png`, `pr.png`, `reliability.png`.", ""]
+    return "\n".join(lines)
+
+
+def _new_figure(**kwargs) -> Figure:
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)  # Agg canvas, no pyplot: nothing global, nothing to close.
+    return figure
+
+
+def _mark_operating_points(ax, report: Mapping, x_metric: str, y_metric: str, x_transform=lambda v: v) -> None:
+    for name, policy in report["thresholds"].items():
+        metrics = policy["metrics"]
+        x, y = x_transform(metrics[x_metric]["value"]), metrics[y_metric]["value"]
+        ax.plot(x, y, "o", markersize=8, label=f"{name} (t = {policy['threshold']:.3f})")
+
+
+def _plot_roc(report: Mapping, labels: np.ndarray, probabilities: np.ndarray, title: str, path: Path) -> None:
+    fpr, tpr, _ = roc_curve(labels, probabilities)
+    figure = _new_figure(figsize=(6, 6), layout="constrained")
+    ax = figure.add_subplot()
+    ax.plot(fpr, tpr, lw=2, label=f"model (AUROC = {report['threshold_free']['auroc']['value']:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    _mark_operating_points(ax, report, "specificity", "sensitivity", x_transform=lambda s: 1 - s)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="1 - specificity (false positive rate)",
+           ylabel="sensitivity (true positive rate)", title=f"{title}\nROC curve", aspect="equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    figure.savefig(path, dpi=120)
+
+
+def _plot_pr(report: Mapping, labels: np.ndarray, probabilities: np.ndarray, title: str, path: Path) -> None:
+    precision, recall, _ = precision_recall_curve(labels, probabilities)
+    prevalence = report["counts"]["prevalence"]
+    figure = _new_figure(figsize=(6, 6), layout="constrained")
+    ax = figure.add_subplot()
+    ax.step(recall, precision, where="post", lw=2,
+            label=f"model (AUPRC = {report['threshold_free']['auprc']['value']:.3f})")
+    ax.axhline(prevalence, ls="--", color="grey", label=f"no skill (prevalence = {prevalence:.3f})")
+    _mark_operating_points(ax, report, "sensitivity", "precision")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="sensitivity (recall)", ylabel="precision (PPV)",
+           title=f"{title}\nPrecision-recall curve", aspect="equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    figure.savefig(path, dpi=120)
+
+
+def _plot_reliability(report: Mapping, labels: np.ndarray, probabilities: np.ndarray, title: str, path: Path) -> None:
+    bins = report["reliability"]["bins"]
+    metrics = report["threshold_free"]
+    figure = _new_figure(figsize=(6, 8), layout="constrained")
+    curve_ax, histogram_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    curve_ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    curve_ax.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], "o-", lw=2,
+                  label=f"model (ECE = {metrics['ece']['value']:.3f}, Brier = {metrics['brier']['value']:.3f})")
+    curve_ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed fraction of emergencies",
+                 title=f"{title}\nReliability diagram ({report['reliability']['n_bins']} equal-width bins)")
+    curve_ax.grid(alpha=0.3)
+    curve_ax.legend(loc="upper left")
+    edges = np.linspace(0, 1, report["reliability"]["n_bins"] + 1)
+    histogram_ax.hist([probabilities[labels == 0], probabilities[labels == 1]], bins=edges, stacked=True,
+                      label=["non-emergency", "emergency"], color=["tab:blue", "tab:red"], alpha=0.8)
+    histogram_ax.set(xlabel="predicted P(emergency)", ylabel="notes")
+    histogram_ax.margins(y=0.4)  # headroom for the legend above the bars
+    histogram_ax.legend(loc="upper left", ncols=2)
+    figure.savefig(path, dpi=120)
+
+
+def write_report(report: dict, y_true, prob, out_dir: str | Path, title: str) -> None:
+    """Write `metrics.json`, `report.md`, `roc.png`, `pr.png` and `reliability.png` into `out_dir`."""
+    labels, probabilities = _checked(y_true, prob)
+    if labels.size != report["counts"]["n"]:
+        raise ValueError(f"report was made from {report['counts']['n']} rows but y_true has {labels.size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(_markdown(report, title), encoding="utf-8")
+    _plot_roc(report, labels, probabilities, title, out / "roc.png")
+    _plot_pr(report, labels, probabilities, title, out / "pr.png")
+    _plot_reliability(report, labels, probabilities, title, out / "reliability.png")

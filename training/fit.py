@@ -1,0 +1,148 @@
+"""The training loop shared by every method: AdamW with two learning rates, warmup, clipping,
+gradient accumulation, mixed precision on CUDA, early stopping and best-by-metric checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup, set_seed
+
+from training.checkpoints import CheckpointKeeper
+from training.config import ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.data.loading import load_parts
+from training.evaluate import compute_metrics
+from training.modeling import load_student, load_tokenizer, parameter_groups
+from training.objectives import CrossEntropyObjective
+from training.predict import predict_proba
+from training.run_report import evaluate_run
+
+log = logging.getLogger(__name__)
+METHODS = ("base", "mlkd", "ensemble")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_objective(method, model, tokenizer, model_args, distill_args, train_parts, device):
+    if method == "base":
+        return CrossEntropyObjective(tokenizer, model_args.max_length)
+    from training.distill.objective import build_distill_objective
+
+    return build_distill_objective(method, model, tokenizer, model_args, distill_args, train_parts, device)
+
+
+def fit(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments,
+        distill_args: DistillArguments, eval_args: EvalArguments) -> Path:
+    if train_args.method not in METHODS:
+        raise ConfigError(f"--method must be one of {METHODS}, not {train_args.method!r}")
+    if train_args.method != "base" and not model_args.teacher:
+        raise ConfigError(f"--method {train_args.method} needs --teacher")
+    run_dir = Path(train_args.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"data": asdict(data_args), "model": asdict(model_args), "training": asdict(train_args),
+              "distill": asdict(distill_args), "evaluation": asdict(eval_args)}
+    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    if train_args.threads:
+        torch.set_num_threads(train_args.threads)
+    set_seed(train_args.seed)
+    device = pick_device(train_args.device)
+
+    parts = load_parts(data_args, run_dir)
+    tokenizer = load_tokenizer(model_args.student)
+    attn = "sdpa" if train_args.method == "base" else "eager"  # distillation reads attention maps
+    model = load_student(model_args.student, attn_implementation=attn).to(device)
+    objective = build_objective(train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device)
+
+    generator = torch.Generator().manual_seed(train_args.seed)
+    loader = torch.utils.data.DataLoader(
+        range(len(parts["train"])), batch_size=train_args.batch_size, shuffle=True,
+        generator=generator, collate_fn=objective.collator(parts["train"]),
+    )
+    groups = parameter_groups(model, train_args.encoder_lr, train_args.head_lr, train_args.weight_decay)
+    extra = [p for module in objective.extra_modules() for p in module.parameters()]
+    if extra:
+        groups.append({"params": extra, "lr": train_args.head_lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups)
+    steps_per_epoch = math.ceil(len(loader) / train_args.grad_accum)
+    total_steps = steps_per_epoch * train_args.epochs
+    if train_args.max_steps:
+        total_steps = min(total_steps, train_args.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
+    autocast, scaler = _mixed_precision(device)
+
+    keeper = CheckpointKeeper(run_dir)
+    prevalence = float(parts["train"].labels.mean())
+    history = run_dir / "history.jsonl"
+    history.write_text("")
+    step, stale, start = 0, 0, time.perf_counter()
+    for epoch in range(1, train_args.epochs + 1):
+        model.train()
+        batches = iter(loader)
+        progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False)
+        epoch_logs: list[dict[str, float]] = []
+        while step < total_steps and (group := list(islice(batches, train_args.grad_accum))):
+            group = [{k: v.to(device) for k, v in b.items()} for b in group]
+            words = sum(objective.count_words(b) for b in group)
+            for batch in group:
+                with autocast():
+                    loss, logs = objective.loss(model, batch, len(group), words)
+                scaler.scale(loss).backward()
+                epoch_logs.append(logs)
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], train_args.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            progress.update()
+            progress.set_postfix(loss=f"{logs['ce']:.3f}")
+        progress.close()
+
+        metrics = _validate(model, tokenizer, parts["valid"], prevalence, train_args, model_args, device)
+        improved = keeper.update(epoch, metrics, model, tokenizer)
+        record = {"epoch": epoch, "step": step, "elapsed_s": round(time.perf_counter() - start, 1),
+                  "train": {k: float(np.mean([l[k] for l in epoch_logs])) for k in epoch_logs[0]} if epoch_logs else {},
+                  "valid": metrics, "improved": improved}
+        with history.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d: valid auroc %.4f brier %.4f loss %.4f%s", epoch, metrics["auroc"], metrics["brier"],
+                 metrics["loss"], f" (best {', '.join(improved)})" if improved else "")
+        stale = 0 if train_args.select_metric in improved else stale + 1
+        if stale >= train_args.patience or step >= total_steps:
+            break
+
+    train_seconds = time.perf_counter() - start
+    (run_dir / "train_summary.json").write_text(json.dumps(
+        {"steps": step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)}, indent=2))
+    log.info("trained %d steps in %.0f s; evaluating best-%s on test", step, train_seconds, train_args.select_metric)
+    evaluate_run(run_dir, eval_args, parts=parts, metric=train_args.select_metric, device=device)
+    return run_dir
+
+
+def _validate(model, tokenizer, valid, prevalence, train_args, model_args, device) -> dict[str, float]:
+    probs, logits = predict_proba(model, tokenizer, valid.texts, train_args.eval_batch_size, model_args.max_length, device)
+    metrics = compute_metrics(valid.labels, probs, prevalence)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid.labels)).item()
+    return {"auroc": metrics["auroc"], "brier": metrics["brier"], "f1": metrics["f1"], "loss": loss}
+
+
+def _mixed_precision(device: torch.device):
+    if device.type != "cuda":
+        return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

@@ -1,0 +1,48 @@
+"""The student classifier: any Hugging Face encoder plus a two-way classification head."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from training.data.examples import LABEL_NAMES
+from training.pretrained import resolve_model
+
+HEAD_PREFIXES = ("classifier", "pooler", "score")
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), use_fast=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{name_or_path}: a fast tokenizer is required (offset mappings align words across models)")
+    return tokenizer
+
+
+def load_student(name_or_path: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """Load an encoder with a 2-label head; `attn_implementation='eager'` when attention maps are needed."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name_or_path),
+        num_labels=len(LABEL_NAMES),
+        id2label=dict(enumerate(LABEL_NAMES)),
+        label2id={name: i for i, name in enumerate(LABEL_NAMES)},
+        attn_implementation=attn_implementation,
+    )
+
+
+def is_head_parameter(model: PreTrainedModel, name: str) -> bool:
+    base = model.base_model_prefix + "."
+    name = name[len(base):] if name.startswith(base) else name
+    return name.startswith(HEAD_PREFIXES)
+
+
+def parameter_groups(model: PreTrainedModel, encoder_lr: float, head_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups: encoder vs head learning rate, and no weight decay on biases and LayerNorm weights."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            no_decay = param.ndim < 2
+            groups.setdefault((is_head_parameter(model, name), no_decay), []).append(param)
+    return [
+        {"params": params, "lr": head_lr if is_head else encoder_lr, "weight_decay": 0.0 if no_decay else weight_decay}
+        for (is_head, no_decay), params in groups.items()
+    ]
