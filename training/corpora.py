@@ -31,8 +31,9 @@ ICD10CM_RELATIONS = {
 }
 
 # A parenthesised cross-reference that starts with a code, e.g. "(A00-B99)", "(C84.-)", "(K82.A1)",
-# "(T36-T50 with fifth or sixth character 5)"; it does not match "(G6PD)" or "(HIV)".
-_CODE_REFERENCE = re.compile(r"\s*\((?:i\.e\.\s*)?[A-Z](?:\d[0-9A-Z]|[A-Z]\d)(?:\b|[.-])[^()]*\)")
+# "(T36-T50 with fifth or sixth character 5)", or the two unclosed ones of the 2026 list ("(E87.8}");
+# it does not match "(G6PD)" or "(HIV)".
+_CODE_REFERENCE = re.compile(r"\s*\((?:i\.e\.\s*)?[A-Z](?:\d[0-9A-Z]|[A-Z]\d)(?:\b|[.-])[^()]*?(?:[)}]|$)")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.;:])")
 
 PLAIN_TEXT_SUFFIXES = {".txt", ".text"}  # one note per line, no header

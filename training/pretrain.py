@@ -19,7 +19,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -49,13 +49,15 @@ TRAINER_STATE = "trainer_state.pt"
 REPORT = "pretrain.json"
 # Options that may differ when a run is resumed; a change to any other one makes it a different run.
 RESUMABLE_OPTIONS = {"epochs", "max_steps", "save_steps", "log_steps"}
+# With group_by_length, runs of this many batches are sorted by length (as in Hugging Face's LengthGroupedSampler).
+LENGTH_GROUP_BATCHES = 50
 
 
 @dataclass
 class PretrainArguments:
     model: str = field(metadata={"help": "Encoder to pretrain: a Hugging Face hub id or a local directory."})
     corpus: str = field(
-        metadata={"help": "Corpus: 'icd10cm' or a file of unlabelled notes (.csv, .tsv, .jsonl, .json, .parquet, .txt)."}
+        metadata={"help": "Corpus: 'icd10cm' or a notes file (.csv, .tsv, .jsonl, .parquet: see text_column; .txt: one note per line)."}
     )
     out: Path = field(
         metadata={"help": "Output directory for the encoder and pretrain.json; rerunning with it resumes the run."}
@@ -73,6 +75,10 @@ class PretrainArguments:
     whole_word_mask: bool = field(
         default=False,
         metadata={"help": "Mask all sub-tokens of a word together (fast tokenizers only; masked tokens all become [MASK])."},
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch lines of similar length together: less padding, much faster on corpora of short lines."},
     )
     save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every this many steps."})
     log_steps: int = field(default=50, metadata={"help": "Record the mean training loss every this many steps."})
@@ -176,7 +182,8 @@ def pretrain(args: PretrainArguments) -> Path:
 
     model.train()
     window: list[float] = []
-    batches = islice(_batches(features, collator, args.batch_size, args.seed, state.step), total_steps - state.step)
+    batches = shuffled_batches(features, collator, args.batch_size, args.group_by_length, args.seed, state.step)
+    batches = islice(batches, total_steps - state.step)
     with tqdm(total=total_steps, initial=state.step, desc="MLM pretraining", unit="step") as progress:
         step_started = time.perf_counter()
         for batch in batches:
@@ -300,6 +307,30 @@ def corpus_sha256(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
 
 
+def shuffled_batches(
+    features: list[dict[str, list]],
+    collator: Callable[[list[dict[str, list]]], dict[str, torch.Tensor]],
+    batch_size: int,
+    group_by_length: bool,
+    seed: int,
+    start_step: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless shuffled batches from step `start_step` on; epoch e is ordered by a permutation seeded with
+    seed + e, so a resumed run sees the same batches as an uninterrupted one."""
+    lengths = torch.tensor([len(feature["input_ids"]) for feature in features])
+    steps_per_epoch = math.ceil(len(features) / batch_size)
+    epoch, skipped_steps = divmod(start_step, steps_per_epoch)
+    while True:
+        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch))
+        if group_by_length:
+            groups = order.split(batch_size * LENGTH_GROUP_BATCHES)
+            order = torch.cat([group[lengths[group].argsort(descending=True, stable=True)] for group in groups])
+        order = order.tolist()
+        for start in range(skipped_steps * batch_size, len(order), batch_size):
+            yield collator([features[i] for i in order[start : start + batch_size]])
+        epoch, skipped_steps = epoch + 1, 0
+
+
 def save_encoder(mlm_model: PreTrainedModel, source: str, out: Path) -> None:
     """Save the encoder of `mlm_model` in AutoModel format. MLM models carry no pooler, so the pooler
     (if any) is the one of `source`, the checkpoint pretraining started from."""
@@ -368,20 +399,6 @@ def load_checkpoint(
     torch.set_rng_state(saved["torch_rng"])
     collator.generator.set_state(saved["mask_rng"])
     return TrainerState(**saved["state"])
-
-
-def _batches(
-    features: list[dict[str, list]], collator: MlmCollator, batch_size: int, seed: int, start_step: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches from step `start_step` on; epoch e is ordered by a permutation seeded with
-    seed + e, so a resumed run sees the same batches as an uninterrupted one."""
-    steps_per_epoch = math.ceil(len(features) / batch_size)
-    epoch, skipped_steps = divmod(start_step, steps_per_epoch)
-    while True:
-        order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        for start in range(skipped_steps * batch_size, len(order), batch_size):
-            yield collator([features[i] for i in order[start : start + batch_size]])
-        epoch, skipped_steps = epoch + 1, 0
 
 
 def _train_step(

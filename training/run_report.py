@@ -13,7 +13,8 @@ from training.checkpoints import checkpoint_dir
 from training.config import DataArguments, EvalArguments, ModelArguments
 from training.data.examples import Examples
 from training.data.loading import load_examples, load_parts
-from training.evaluate import choose_threshold, evaluate, write_report
+from training.evaluate import choose_threshold, evaluate
+from training.report import write_report
 from training.modeling import load_student, load_tokenizer
 from training.predict import predict_proba
 

@@ -14,7 +14,6 @@ from training.evaluate import (
     compute_metrics,
     evaluate,
     expected_calibration_error,
-    write_report,
 )
 
 # Six notes, no probability on a bin edge. Sorted by probability:
@@ -225,26 +224,3 @@ def test_report_round_trips_through_json(scored):
     labels, probs = scored
     report = evaluate(labels, probs, {"fixed-0.5": 0.5}, n_resamples=50)
     assert json.loads(json.dumps(report)) == report
-
-
-def test_write_report_writes_every_file(scored, tmp_path):
-    labels, probs = scored
-    report = evaluate(labels, probs, {"prevalence": 0.45, "target-sensitivity": 0.3}, n_resamples=50)
-    write_report(report, labels, probs, tmp_path / "eval", title="Synthetic test split")
-
-    out = tmp_path / "eval"
-    assert json.loads((out / "metrics.json").read_text()) == report
-    markdown = (out / "report.md").read_text()
-    assert markdown.startswith("# Synthetic test split")
-    for expected in ("| AUROC |", "95% CI", "`prevalence`", "`target-sensitivity`", "training labels", "true positive"):
-        assert expected in markdown
-    for figure in ("roc.png", "pr.png", "reliability.png"):
-        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert (out / figure).stat().st_size > 10_000
-
-
-def test_write_report_rejects_other_data(scored, tmp_path):
-    labels, probs = scored
-    report = evaluate(labels, probs, {"fixed-0.5": 0.5}, n_resamples=50)
-    with pytest.raises(ValueError, match="200 rows"):
-        write_report(report, labels[:100], probs[:100], tmp_path, title="wrong rows")

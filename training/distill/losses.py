@@ -13,7 +13,9 @@ Layers are numbered from 1 (the output of encoder layer 1) to the depth of the m
 (`hidden_states[0]`) never take part: they are lexical, tied to each model's own vocabulary, and
 have no attention map.
 
-Everything is batched tensor algebra; the only Python loops run over mapped layers.
+Everything is batched matrix products with one-hot word-membership matrices; the only Python
+loops run over mapped layers. (Gathering only the tokens inside words, or `scatter_add` into
+per-word buckets, measured no faster on CPU: the dense attention gradient dominates.)
 """
 
 from __future__ import annotations
@@ -86,11 +88,8 @@ def pool_words(hidden: torch.Tensor, word_index: torch.Tensor, num_words: int) -
 
     `word_index` [B, T] is the word slot of each token, -1 for none. Empty slots pool to zeros.
     """
-    positions, slots = _word_tokens(word_index)
-    tokens = hidden.gather(-2, positions[:, :, None].expand(*hidden.shape[:-2], positions.shape[1], hidden.shape[-1]))
-    assignment = _assignment(slots, num_words, hidden.dtype)
-    counts = assignment.sum(dim=1).clamp(min=1)
-    return (assignment.transpose(1, 2) @ tokens) / counts[:, :, None]
+    membership = _membership(word_index, num_words, hidden.dtype)  # [B, T, W]
+    return _averaging(membership).transpose(-1, -2) @ hidden
 
 
 def word_attention(attention: torch.Tensor, word_index: torch.Tensor, num_words: int) -> torch.Tensor:
@@ -99,21 +98,20 @@ def word_attention(attention: torch.Tensor, word_index: torch.Tensor, num_words:
     Entry (v, w) is the attention from word v to word w: query rows averaged over v's tokens,
     keys summed over w's tokens.
     """
-    positions, slots = _word_tokens(word_index)
-    kept = positions.shape[1]
-    rows = attention.gather(-2, positions[:, None, :, None].expand(*attention.shape[:-2], kept, attention.shape[-1]))
-    between_words = rows.gather(-1, positions[:, None, None, :].expand(*rows.shape[:-1], kept))
-    assignment = _assignment(slots, num_words, attention.dtype)
-    row_average = assignment / assignment.sum(dim=1, keepdim=True).clamp(min=1)
-    return row_average.transpose(1, 2)[:, None] @ between_words @ assignment[:, None]
+    membership = _membership(word_index, num_words, attention.dtype)[:, None]  # [B, 1, T, W]
+    return _averaging(membership).transpose(-1, -2) @ (attention @ membership)
 
 
-def logit_distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def logit_distill_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Hinton KD: KL(teacher || student) of the temperature-softened class distributions, times T^2, per note."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+        raise ValueError(
+            f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
+        )
     return F.kl_div(
         F.log_softmax(student_logits / temperature, dim=-1),
         F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
@@ -152,6 +150,7 @@ class MultiLevelDistillLoss(nn.Module):
         self.layer_map = self.options.layer_map or uniform_layer_map(self.student_depth, self.teacher_depth)
         self._check_layer_map()
         self.average_heads = student_config.num_attention_heads != teacher_config.num_attention_heads
+        self.compared_heads = 1 if self.average_heads else student_config.num_attention_heads
         self.projection: nn.Module = (
             nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
             if student_config.hidden_size != teacher_config.hidden_size
@@ -165,7 +164,7 @@ class MultiLevelDistillLoss(nn.Module):
         """Pools a live teacher's outputs (called with output_hidden_states and output_attentions) onto the words."""
         hidden_states, attentions = _hidden_and_attentions(teacher_outputs, self.teacher_depth, "teacher")
         teacher_layers = [t for _, t in self.layer_map]
-        hidden = pool_words(torch.stack([hidden_states[t] for t in teacher_layers]), teacher_word_index, num_words)
+        hidden = torch.stack([pool_words(hidden_states[t], teacher_word_index, num_words) for t in teacher_layers])
         attention = torch.stack(
             [word_attention(self._heads(attentions[t - 1]), teacher_word_index, num_words) for t in teacher_layers]
         )
@@ -185,12 +184,15 @@ class MultiLevelDistillLoss(nn.Module):
         num_words = word_mask.shape[1]
         student_layers = [s for s, _ in self.layer_map]
 
-        student_hidden = pool_words(
-            torch.stack([student_hidden_states[s] for s in student_layers]), student_word_index, num_words
+        # Pooled one layer at a time: stacking the full layers first would copy them all.
+        student_hidden = torch.stack(
+            [pool_words(student_hidden_states[s], student_word_index, num_words) for s in student_layers]
         )
-        # One layer at a time: a stack of full [B, H, T, T] maps would be large.
         student_attention = torch.stack(
-            [word_attention(self._heads(student_attentions[s - 1]), student_word_index, num_words) for s in student_layers]
+            [
+                word_attention(self._heads(student_attentions[s - 1]), student_word_index, num_words)
+                for s in student_layers
+            ]
         )
         hidden_per_word = self._hidden_loss(self.projection(student_hidden.float()), teacher.hidden.detach())
         attention_per_word = self._attention_loss(student_attention.float(), teacher.attention.detach(), word_mask)
@@ -260,25 +262,21 @@ class MultiLevelDistillLoss(nn.Module):
                 f"teacher features {tuple(teacher.hidden.shape)} / {tuple(teacher.attention.shape)} do not match "
                 f"{layers} mapped layers, batch {batch} and {words} words"
             )
-        if teacher.attention.shape[-2:] != (words, words):
-            raise ValueError(f"teacher word attention {tuple(teacher.attention.shape)} is not over {words} words")
+        if teacher.attention.shape[2:] != (self.compared_heads, words, words):
+            raise ValueError(
+                f"teacher word attention {tuple(teacher.attention.shape)} is not [.., {self.compared_heads} heads, "
+                f"{words} words, {words} words]"
+            )
 
 
-def _word_tokens(word_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions [B, K] of the tokens inside words (K = most such tokens in a note) and their slots [B, K].
-
-    Pooling only these tokens skips the rest of the sequence; the padding positions of notes with
-    fewer word tokens point at tokens outside words, so their slot is -1 and they pool to nothing.
-    """
-    in_word = word_index >= 0
-    kept = int(in_word.sum(dim=1).max()) if word_index.numel() else 0
-    positions = torch.argsort((~in_word).to(torch.int8), dim=1, stable=True)[:, :kept]
-    return positions, word_index.gather(1, positions)
+def _membership(word_index: torch.Tensor, num_words: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, W] one-hot word of each token; tokens outside words (-1) have an all-zero row."""
+    return (word_index[:, :, None] == torch.arange(num_words, device=word_index.device)).to(dtype)
 
 
-def _assignment(slots: torch.Tensor, num_words: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, K, W] one-hot word membership of each token; tokens outside words (-1) have an all-zero row."""
-    return (slots[:, :, None] == torch.arange(num_words, device=slots.device)).to(dtype)
+def _averaging(membership: torch.Tensor) -> torch.Tensor:
+    """Membership with each word's column divided by its token count: multiplying by it averages."""
+    return membership / membership.sum(dim=-2, keepdim=True).clamp(min=1)
 
 
 def _renormalise(word_map: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

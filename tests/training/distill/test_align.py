@@ -205,7 +205,9 @@ def test_max_words_keeps_the_first_words(tokenizers):
     assert alignment.student_word_index.max() == 1 and alignment.teacher_word_index.max() == 1
 
     long_note = " ".join(["fever"] * 40)
-    capped = align_words([long_note], offsets(tokenizers["bytelevel"], [long_note]), offsets(tokenizers["unigram"], [long_note]))
+    capped = align_words(
+        [long_note], offsets(tokenizers["bytelevel"], [long_note]), offsets(tokenizers["unigram"], [long_note])
+    )
     assert capped.num_words == 32
     assert capped.student_word_index.max() == 31
 

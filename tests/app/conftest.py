@@ -1,0 +1,28 @@
+"""`tiny_bundle_dir`: one real model bundle per test session, exported from a tiny run on SYNTHETIC notes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.export import export_bundle
+from training.fit import fit
+
+TINY_MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_dir(tmp_path_factory, notes, tiny_bert_dir) -> Path:
+    """A bundle of the tiny fixture BERT fine-tuned on the SYNTHETIC notes (max_input_tokens 64, threshold policy
+    prevalence) holding all three variants (fp32, int8, fp16): exported with an AUROC tolerance of 1 so that
+    no variant is dropped. Read-only: tests that damage it work on a copy."""
+    root = tmp_path_factory.mktemp("tiny-bundle")
+    data = root / "synthetic_notes.csv"
+    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
+    run = fit(DataArguments(data=str(data)), ModelArguments(student=str(tiny_bert_dir), max_length=TINY_MAX_TOKENS),
+              TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
+              DistillArguments(), EvalArguments(bootstrap=20))
+    return export_bundle(run, root / "bundle", tolerance=1.0)

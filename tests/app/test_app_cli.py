@@ -1,0 +1,36 @@
+import uvicorn
+from typer.testing import CliRunner
+
+import app.logs
+from app.cli import cli
+from app.settings import Settings
+
+
+def test_every_setting_is_a_serve_flag():
+    result = CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in result.output, name
+
+
+def test_serve_builds_settings_from_flags_over_environment(monkeypatch, tiny_bundle_dir):
+    started = {}
+    monkeypatch.setattr(uvicorn, "run", lambda asgi_app, **options: started.update(app=asgi_app, **options))
+    monkeypatch.setattr(app.logs, "configure_logging", lambda level: started.update(log_level=level))
+    result = CliRunner().invoke(
+        cli, ["serve", "--bundle", str(tiny_bundle_dir), "--port", "9001", "--api-keys", "k1", "--api-keys", "k2",
+              "--truncate"],
+        env={"TRIAGE_PORT": "9000", "TRIAGE_MAX_BATCH_SIZE": "4"},
+    )
+    assert result.exit_code == 0, result.output
+    settings = started["app"].state.settings
+    assert started["port"] == 9001 and settings.port == 9001
+    assert settings.max_batch_size == 4
+    assert settings.api_keys == ["k1", "k2"] and settings.truncate is True
+    assert started["log_level"] == "info"
+
+
+def test_invalid_settings_exit_with_a_message_naming_the_field():
+    result = CliRunner().invoke(cli, ["serve", "--bundle", "b", "--max-batch-size", "0"])
+    assert result.exit_code == 2
+    assert "max_batch_size" in result.output

@@ -1,0 +1,244 @@
+"""POST /fhir/RiskAssessment/$classify with the real tiny bundle, through the app's lifespan. All notes are SYNTHETIC."""
+
+import base64
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.riskassessment import RiskAssessment
+
+from app.bundle import load_bundle
+from app.fhir import CLASSIFY_PATH, FHIR_JSON, MODEL_SYSTEM, OUTCOME_SYSTEM
+from app.inference import NoteClassifier
+from app.logs import JsonFormatter
+from app.main import create_app
+from app.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+NOTES = ["3세 남아 보호자 동반 CC: seizure. BT 39.1, HR 150", "CC: medication refill. BT 36.5", "CC: chest pain"]
+FHIR_HEADERS = {"Content-Type": FHIR_JSON}
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture
+def settings(tiny_bundle_dir):
+    def make(**overrides) -> Settings:
+        return Settings(bundle=tiny_bundle_dir, **overrides)
+    return make
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle_dir):
+    return load_bundle(tiny_bundle_dir)
+
+
+@asynccontextmanager
+async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        async with app.router.lifespan_context(app):
+            yield client
+
+
+def attachment(text: str, content_type: str = "text/plain; charset=utf-8", encoding: str = "utf-8") -> dict:
+    return {"contentType": content_type, "data": base64.b64encode(text.encode(encoding)).decode("ascii")}
+
+
+def document(text: str, document_id: str | None = "doc-1", **attachment_options) -> dict:
+    resource = {
+        "resourceType": "DocumentReference", "status": "current",
+        "subject": {"reference": "Patient/p-1"}, "context": {"encounter": [{"reference": "Encounter/e-1"}]},
+        "content": [{"attachment": attachment(text, **attachment_options)}],
+    }
+    if document_id is not None:
+        resource["id"] = document_id
+    return resource
+
+
+async def post_fhir(client: httpx.AsyncClient, resource: dict, **options) -> httpx.Response:
+    return await client.post(CLASSIFY_PATH, json=resource, headers={**FHIR_HEADERS, **options.pop("headers", {})},
+                             **options)
+
+
+def outcome_of(response: httpx.Response) -> OperationOutcome:
+    assert response.headers["content-type"] == FHIR_JSON
+    outcome = OperationOutcome.model_validate(response.json())
+    assert [issue.severity for issue in outcome.issue] == ["error"]
+    return outcome
+
+
+async def test_a_document_reference_gets_a_valid_risk_assessment(settings, bundle):
+    async with serve(settings()) as client:
+        response = await post_fhir(client, document(NOTES[0]))
+    assert response.status_code == 200 and response.headers["content-type"] == FHIR_JSON
+    assessment = RiskAssessment.model_validate(response.json())
+    assert assessment.status == "final"
+    assert assessment.subject.reference == "Patient/p-1" and assessment.encounter.reference == "Encounter/e-1"
+    assert [basis.reference for basis in assessment.basis] == ["DocumentReference/doc-1"]
+    [prediction] = assessment.prediction
+    probability = float(bundle.predict_proba([NOTES[0]])[0])
+    assert float(prediction.probabilityDecimal) == pytest.approx(probability, abs=1e-5)
+    [outcome] = prediction.outcome.coding
+    threshold = bundle.manifest.decision.threshold
+    assert outcome.system == OUTCOME_SYSTEM
+    assert outcome.code == prediction.outcome.text == ("emergency" if probability >= threshold else "non-emergency")
+    [method] = assessment.method.coding
+    assert (method.system, method.code, method.version) == (MODEL_SYSTEM, bundle.manifest.name, bundle.manifest.version)
+    assert f"{threshold:.4f}" in assessment.note[0].text
+    assert assessment.occurrenceDateTime.tzinfo is not None
+
+
+async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(settings, bundle):
+    entries = [{"resource": document(text, document_id=f"doc-{position}")} for position, text in enumerate(NOTES)]
+    async with serve(settings()) as client:
+        response = await post_fhir(client, {"resourceType": "Bundle", "type": "batch", "entry": entries},
+                                   headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+    result = Bundle.model_validate(response.json())
+    assert result.type == "collection"
+    assessments = [entry.resource for entry in result.entry]
+    assert all(isinstance(assessment, RiskAssessment) for assessment in assessments)
+    assert [a.basis[0].reference for a in assessments] == ["DocumentReference/doc-0", "DocumentReference/doc-1",
+                                                           "DocumentReference/doc-2"]
+    assert [float(a.prediction[0].probabilityDecimal) for a in assessments] == pytest.approx(
+        bundle.predict_proba(NOTES).tolist(), abs=1e-5)
+
+
+async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(settings):
+    with_identifier = document(NOTES[1], document_id=None) | {"identifier": [{"system": "urn:ed", "value": "n7"}]}
+    entries = [{"fullUrl": "urn:uuid:5b0c6f56-86c5-4d5c-9f87-1c3a3c1c1c1c", "resource": document(NOTES[0], None)},
+               {"resource": with_identifier}]
+    async with serve(settings()) as client:
+        response = await post_fhir(client, {"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    [by_url, by_identifier] = [entry.resource.basis[0] for entry in Bundle.model_validate(response.json()).entry]
+    assert by_url.reference == "urn:uuid:5b0c6f56-86c5-4d5c-9f87-1c3a3c1c1c1c"
+    assert by_identifier.type == "DocumentReference" and by_identifier.identifier.value == "n7"
+
+
+async def test_base64_data_is_decoded_in_the_declared_charset(settings, bundle):
+    expected = float(bundle.predict_proba([NOTES[0]])[0])
+    async with serve(settings()) as client:
+        euc_kr = await post_fhir(client, document(NOTES[0], content_type="text/plain; charset=EUC-KR",
+                                                  encoding="euc-kr"))
+        default_utf8 = await post_fhir(client, document(NOTES[0], content_type="text/plain"))
+        mislabelled = await post_fhir(client, document(NOTES[0], content_type="text/plain; charset=utf-8",
+                                                       encoding="euc-kr"))
+        unknown = await post_fhir(client, document(NOTES[1], content_type="text/plain; charset=no-such-charset"))
+    for response in (euc_kr, default_utf8):
+        probability = RiskAssessment.model_validate(response.json()).prediction[0].probabilityDecimal
+        assert float(probability) == pytest.approx(expected, abs=1e-5)
+    assert mislabelled.status_code == 422 and outcome_of(mislabelled).issue[0].code == "invalid"
+    assert "not valid utf-8" in outcome_of(mislabelled).issue[0].diagnostics
+    assert unknown.status_code == 422 and "unknown charset" in outcome_of(unknown).issue[0].diagnostics
+
+
+async def test_a_communication_is_classified_from_its_text_payloads(settings, bundle):
+    communication = {
+        "resourceType": "Communication", "id": "msg-9", "status": "completed",
+        "subject": {"reference": "Patient/p-2"}, "encounter": {"reference": "Encounter/e-2"},
+        "payload": [{"contentString": NOTES[2]}, {"contentAttachment": attachment("BT 38.9", "text/plain")},
+                    {"contentAttachment": {"contentType": "image/png", "data": "iVBORw0KGgo="}}],
+    }
+    async with serve(settings()) as client:
+        response = await post_fhir(client, communication)
+    assert response.status_code == 200
+    assessment = RiskAssessment.model_validate(response.json())
+    assert assessment.basis[0].reference == "Communication/msg-9"
+    assert (assessment.subject.reference, assessment.encounter.reference) == ("Patient/p-2", "Encounter/e-2")
+    expected = float(bundle.predict_proba([f"{NOTES[2]}\n\nBT 38.9"])[0])
+    assert float(assessment.prediction[0].probabilityDecimal) == pytest.approx(expected, abs=1e-5)
+
+
+MARKER = "ZQX-FHIR-5521"
+SECRET_NOTE = f"CC: seizure {MARKER}"
+
+
+@pytest.mark.parametrize(("body", "status", "issue_code"), [
+    (b'{"resourceType": "DocumentReference", "status": ', 400, "structure"),
+    (b'["not", "a", "resource"]', 400, "structure"),
+    ({"resourceType": "Patient", "id": "p-1"}, 422, "not-supported"),
+    ({"resourceType": "Bundle", "type": "document", "entry": [{"resource": document(SECRET_NOTE)}]},
+     422, "not-supported"),
+    ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient"}}]},
+     422, "not-supported"),
+    ({"resourceType": "Bundle", "type": "collection"}, 422, "required"),
+    ({key: value for key, value in document(SECRET_NOTE).items() if key != "status"}, 400, "structure"),
+    (document(SECRET_NOTE) | {"priority": MARKER}, 400, "structure"),
+    (document(SECRET_NOTE) | {"content": [{"attachment": {"contentType": "text/plain", "data": f"{MARKER}!"}}]},
+     400, "structure"),
+    (document(SECRET_NOTE, content_type="application/pdf"), 422, "not-supported"),
+    (document(SECRET_NOTE) | {"content": [{"attachment": {"contentType": "text/plain", "url": "http://x/n"}}]},
+     422, "not-supported"),
+    (document(SECRET_NOTE) | {"content": [{"attachment": attachment(" \n\t ")}]}, 422, "required"),
+    ({key: value for key, value in document(SECRET_NOTE).items() if key != "subject"}, 422, "required"),
+    ({"resourceType": "Communication", "status": "completed", "subject": {"reference": "Patient/p"},
+      "payload": [{"contentReference": {"reference": "Binary/b"}}]}, 422, "required"),
+])
+async def test_invalid_input_gets_an_operation_outcome_without_the_note(settings, body, status, issue_code):
+    content = body if isinstance(body, bytes) else None
+    async with serve(settings()) as client:
+        response = await client.post(CLASSIFY_PATH, content=content, json=None if content else body,
+                                     headers=FHIR_HEADERS)
+    assert response.status_code == status
+    assert outcome_of(response).issue[0].code == issue_code
+    assert MARKER not in response.text and base64.b64encode(SECRET_NOTE.encode()).decode() not in response.text
+
+
+async def test_other_content_types_get_415(settings):
+    async with serve(settings()) as client:
+        response = await client.post(CLASSIFY_PATH, content=NOTES[0].encode(), headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and outcome_of(response).issue[0].code == "not-supported"
+
+
+async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(settings, monkeypatch):
+    long_note = " ".join(["chest pain"] * 20)
+    async with serve(settings(api_keys=["k1"], max_note_tokens=16)) as client:
+        unauthorized = await post_fhir(client, document(NOTES[0]))
+        too_long = await post_fhir(client, document(long_note), headers={"Authorization": "Bearer k1"})
+    assert unauthorized.status_code == 401 and unauthorized.headers["www-authenticate"] == "Bearer"
+    assert outcome_of(unauthorized).issue[0].code == "login"
+    assert too_long.status_code == 413 and outcome_of(too_long).issue[0].code == "too-long"
+    assert "exceed 16 tokens" in outcome_of(too_long).issue[0].diagnostics
+
+    run = NoteClassifier.predict
+    monkeypatch.setattr(NoteClassifier, "predict", lambda self, token_ids: time.sleep(0.3) or run(self, token_ids))
+    async with serve(settings(request_timeout_s=0.05)) as client:
+        timed_out = await post_fhir(client, document(NOTES[0]))
+    assert timed_out.status_code == 503 and timed_out.headers["retry-after"]
+    assert outcome_of(timed_out).issue[0].code == "transient"
+
+
+async def test_truncated_notes_say_so_in_the_assessment(settings):
+    async with serve(settings(max_note_tokens=16, truncate=True)) as client:
+        response = await post_fhir(client, document(" ".join(["chest pain"] * 40)))
+    assert response.status_code == 200
+    assert "first 16 tokens" in RiskAssessment.model_validate(response.json()).note[0].text
+
+
+async def test_note_text_ids_and_patients_never_reach_the_logs(settings, caplog, capsys):
+    caplog.set_level(logging.DEBUG)
+    resource = document(SECRET_NOTE, document_id=f"doc-{MARKER}")
+    resource["subject"] = {"reference": f"Patient/{MARKER}"}
+    async with serve(settings(max_note_tokens=16)) as client:
+        ok = await post_fhir(client, resource)
+        too_long = await post_fhir(client, document(f"{MARKER} " * 50, document_id=MARKER))
+        invalid = await post_fhir(client, resource | {"date": MARKER})
+        metrics = (await client.get("/metrics")).text
+    assert [ok.status_code, too_long.status_code, invalid.status_code] == [200, 413, 400]
+    access = [record for record in caplog.records if record.name == "app.access"]
+    assert [record.fields["route"] for record in access[:3]] == [CLASSIFY_PATH] * 3
+    assert access[0].fields["notes"] == 1 and access[2].fields["fhir_issue"] == "structure"
+    formatted = "\n".join(JsonFormatter().format(record) for record in caplog.records)
+    captured = capsys.readouterr()
+    assert MARKER not in formatted + caplog.text + captured.out + captured.err
+    assert f'route="{CLASSIFY_PATH}",status="200"' in metrics

@@ -1,0 +1,148 @@
+"""Exporting a tiny run (SYNTHETIC notes) as a model bundle, and checking it against PyTorch."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from app.bundle import load_bundle, sha256_file
+from app.manifest import Manifest
+from training.checkpoints import checkpoint_dir
+from training.cli import app
+from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.data.loading import load_parts
+from training.export import ExportError, export_bundle
+from training.fit import fit
+from training.modeling import load_student, load_tokenizer
+from training.predict import predict_proba
+
+CPU = ["CPUExecutionProvider"]
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, notes, tiny_bert_dir):
+    root = tmp_path_factory.mktemp("export-run")
+    data = root / "synthetic_notes.csv"
+    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
+    return fit(DataArguments(data=str(data)), ModelArguments(student=str(tiny_bert_dir), max_length=MAX_TOKENS),
+               TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
+               DistillArguments(), EvalArguments(bootstrap=20))
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run, tmp_path_factory):
+    return export_bundle(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny", version="1.0.0")
+
+
+@pytest.fixture(scope="module")
+def held_out(tiny_run):
+    config = json.loads((tiny_run / "run_config.json").read_text())
+    parts = load_parts(DataArguments(**{**config["data"], "split_file": str(tiny_run / "split.json")}))
+    return [*parts["valid"].texts, *parts["test"].texts]
+
+
+def test_bundle_predicts_like_pytorch(bundle, tiny_run, held_out):
+    checkpoint = checkpoint_dir(tiny_run, "auroc")
+    expected, _ = predict_proba(load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), held_out,
+                                max_length=MAX_TOKENS)
+    loaded = load_bundle(bundle, variant="fp32", providers=CPU)
+    np.testing.assert_allclose(loaded.predict_proba(held_out), expected, atol=1e-4)
+
+
+def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle):
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    assert set(manifest.variants) == {"fp32", "int8", "fp16"}
+    assert manifest.variants["fp32"].kept and manifest.variants["fp32"].max_abs_diff <= 1e-4
+    for name, variant in manifest.variants.items():
+        assert 0 <= variant.label_agreement <= 1 and variant.max_abs_diff >= 0
+        assert variant.auroc_drop == pytest.approx(manifest.variants["fp32"].valid_auroc - variant.valid_auroc,
+                                                   abs=1e-4)
+        assert (bundle / variant.file).exists() == variant.kept
+        if name != "fp32":
+            assert variant.kept == (variant.auroc_drop <= 0.005)
+        if variant.kept:
+            assert sha256_file(bundle / variant.file) == variant.sha256
+            assert (bundle / variant.file).stat().st_size == variant.size_bytes
+
+
+def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
+    text = (bundle / "manifest.json").read_text()
+    manifest = Manifest.model_validate_json(text)
+    assert Manifest.model_validate_json(manifest.model_dump_json()) == manifest
+    assert (manifest.name, manifest.version, manifest.export_method) == ("tiny", "1.0.0", "optimum")
+    assert manifest.max_input_tokens == MAX_TOKENS
+    assert manifest.encoders.method == "base" and manifest.encoders.teacher is None
+    decision = json.loads((checkpoint_dir(tiny_run, "auroc") / "checkpoint.json").read_text())["decision"]
+    assert (manifest.decision.policy, manifest.decision.threshold) == (decision["policy"], decision["threshold"])
+    report = json.loads((tiny_run / "eval" / "metrics.json").read_text())
+    assert manifest.test_metrics["threshold_free"] == report["threshold_free"]
+    assert {"torch", "transformers", "optimum-onnx", "onnx", "onnxruntime"} <= set(manifest.library_versions)
+    for file_name, digest in manifest.tokenizer_files.items():
+        assert sha256_file(bundle / file_name) == digest
+    assert "tokenizer.json" in manifest.tokenizer_files and any("unchanged" in r for r in manifest.preprocessing)
+
+
+def test_model_card_is_written(bundle):
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    card = (bundle / "MODEL_CARD.md").read_text()
+    for section in ("## Intended use", "## Training data", "## Test metrics", "## Calibration",
+                    "## Decision threshold", "## Known limitations"):
+        assert section in card
+    assert "not a diagnosis" in card and "synthetic_notes.csv" in card
+    assert f"{manifest.test_metrics['threshold_free']['auroc']['value']:.3f}" in card
+    assert f">= {manifest.decision.threshold:.4f}" in card
+
+
+def test_variants_failing_the_tolerance_are_dropped_with_figures_kept(tiny_run, tmp_path):
+    # A negative tolerance asks every variant to beat PyTorch's AUROC, so int8 and fp16 are dropped.
+    bundle = export_bundle(tiny_run, tmp_path / "strict", tolerance=-1.0)
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    for name in ("int8", "fp16"):
+        variant = manifest.variants[name]
+        assert not variant.kept and "tolerance" in variant.note and variant.max_abs_diff is not None
+        assert not (bundle / variant.file).exists()
+    assert load_bundle(bundle, providers=CPU).variant == "fp32"
+
+
+def test_optimum_failure_falls_back_to_torch_onnx(tiny_run, tmp_path, monkeypatch, held_out):
+    import optimum.exporters.onnx
+
+    def unsupported(*args, **kwargs):
+        raise ValueError("Trying to export a tiny model, that is a custom or unsupported architecture")
+
+    monkeypatch.setattr(optimum.exporters.onnx, "main_export", unsupported)
+    bundle = export_bundle(tiny_run, tmp_path / "fallback")
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    assert manifest.export_method == "torch.onnx" and manifest.variants["fp32"].max_abs_diff <= 1e-4
+
+
+def test_failed_parity_leaves_no_bundle(tiny_run, tmp_path, monkeypatch):
+    import training.export
+
+    def shifted(*args, **kwargs):
+        probs, logits = predict_proba(*args, **kwargs)
+        return probs + 0.01, logits
+
+    monkeypatch.setattr(training.export, "torch_predict_proba", shifted)
+    with pytest.raises(ExportError, match=r"model\.onnx: ONNX fp32 differs from PyTorch by up to 0\.01"):
+        export_bundle(tiny_run, tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor its staging directory
+
+
+def test_cli_export_of_a_run_without_checkpoints_fails_clearly(tmp_path, tiny_run):
+    run = tmp_path / "untrained"
+    run.mkdir()
+    (run / "run_config.json").write_text((tiny_run / "run_config.json").read_text())
+    result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "no checkpoint" in result.output and "best-auroc" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_refuses_to_overwrite_a_bundle(tmp_path, tiny_run, bundle):
+    result = CliRunner().invoke(app, ["export", "--run", str(tiny_run), "--out", str(bundle)])
+    assert result.exit_code == 2
+    assert "already exists" in result.output

@@ -1,0 +1,275 @@
+"""Export a run's best checkpoint as a self-describing model bundle for the service (`app.bundle`).
+
+`out_dir/` receives model.onnx (fp32), model.int8.onnx, model.fp16.onnx, the tokenizer files,
+manifest.json and MODEL_CARD.md. Every variant is checked against PyTorch on the run's held-out notes
+(validation + test) with the service's own code path (`app.bundle`: tokenizers + ONNX Runtime, CPU
+provider): fp32 must match within `parity_atol`, or the export fails; int8 and fp16 are kept only when
+their validation AUROC is within `tolerance` of PyTorch's, and their figures are recorded either way.
+The bundle is built in a temporary sibling directory and renamed into place, so a failed export
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from app.bundle import (
+    MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, predict_proba, sha256_file,
+)
+from app.manifest import Decision, Encoders, Manifest, Variant
+from training.checkpoints import checkpoint_dir
+from training.config import DataArguments
+from training.data.examples import Examples
+from training.data.loading import load_parts
+from training.model_card import write_model_card
+from training.modeling import load_student
+from training.modeling import load_tokenizer as load_hf_tokenizer
+from training.onnx_variants import ExportError, convert_fp16, export_fp32, quantize_int8
+from training.predict import predict_proba as torch_predict_proba
+from training.run_report import load_run_config
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
+EXTRA_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers")
+PARITY_BATCH_SIZE = 32
+
+
+def export_bundle(run_dir: str | Path, out_dir: str | Path, metric: str = "auroc", name: str | None = None,
+                  version: str | None = None, tolerance: float = 0.005, parity_atol: float = 1e-4,
+                  quantize_embeddings: bool = True, overwrite: bool = False) -> Path:
+    """Build the bundle of `run_dir`'s `best-<metric>` checkpoint in `out_dir`; returns `out_dir`.
+
+    `name` defaults to the name of `out_dir`, `version` to the UTC date plus the start of model.onnx's sha256.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir}: already exists; remove it, choose another --out, or pass --overwrite")
+    source = _load_source(Path(run_dir), metric)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        manifest = _build(staging, source, name or out_dir.name, version, tolerance, parity_atol, quantize_embeddings)
+        staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("bundle %s %s written to %s (variants kept: %s)", manifest.name, manifest.version, out_dir,
+             ", ".join(k for k, v in manifest.variants.items() if v.kept))
+    return out_dir
+
+
+@dataclass(frozen=True)
+class Source:
+    """The run being exported: its options, the chosen checkpoint, its data and its test report."""
+
+    run_dir: Path
+    config: dict
+    checkpoint: Path
+    parts: dict[str, Examples]
+    report: dict
+    decision: Decision
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config["model"]["max_length"]
+
+
+def _load_source(run_dir: Path, metric: str) -> Source:
+    config = load_run_config(run_dir)
+    checkpoint = checkpoint_dir(run_dir, metric)
+    report = _test_report(run_dir, checkpoint)
+    decision = _decision(checkpoint)
+    parts = load_parts(DataArguments(**{**config["data"], "split_file": str(run_dir / "split.json")}))
+    return Source(run_dir, config, checkpoint, parts, report, decision)
+
+
+def _build(staging: Path, source: Source, name: str, version: str | None, tolerance: float, parity_atol: float,
+           quantize_embeddings: bool) -> Manifest:
+    held_out = [*source.parts["valid"].texts, *source.parts["test"].texts]
+    model, hf_tokenizer = load_student(str(source.checkpoint)), load_hf_tokenizer(str(source.checkpoint))
+    torch_probs, _ = torch_predict_proba(model, hf_tokenizer, held_out, PARITY_BATCH_SIZE, source.max_tokens)
+    reference = Reference(held_out, torch_probs, source.parts["valid"].labels, source.decision.threshold)
+    log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity",
+             reference.torch_valid_auroc, len(held_out))
+
+    tokenizer_files = _write_tokenizer(hf_tokenizer, source.checkpoint, staging, source.max_tokens)
+    tokenizer = load_tokenizer(staging / TOKENIZER_FILE, source.max_tokens)
+    fp32_file = staging / MODEL_FILES["fp32"]
+    export_method = export_fp32(source.checkpoint, fp32_file)
+    quantize_int8(fp32_file, staging / MODEL_FILES["int8"], quantize_embeddings)
+    convert_fp16(fp32_file, staging / MODEL_FILES["fp16"])
+
+    # fp32 is held to parity with PyTorch instead of the AUROC tolerance.
+    variants = {variant: _measure(staging / file_name, tokenizer, reference,
+                                  math.inf if variant == "fp32" else tolerance)
+                for variant, file_name in MODEL_FILES.items()}
+    fp32 = variants["fp32"]
+    if fp32.max_abs_diff is None or fp32.max_abs_diff > parity_atol:
+        raise ExportError(f"{MODEL_FILES['fp32']}: ONNX fp32 differs from PyTorch by up to {fp32.max_abs_diff} "
+                          f"in P(emergency) on the held-out notes, more than --parity-atol {parity_atol}; "
+                          "the export is not faithful, no bundle written")
+    for variant in variants.values():
+        if not variant.kept:
+            (staging / variant.file).unlink()
+
+    config = source.config
+    manifest = Manifest(
+        name=name,
+        version=version or f"{datetime.now(timezone.utc):%Y.%m.%d}+{fp32.sha256[:8]}",
+        created_at=datetime.now(timezone.utc),
+        source_run=str(source.run_dir),
+        encoders=Encoders(student=config["model"]["student"], teacher=config["model"]["teacher"],
+                          method=config["training"]["method"]),
+        decision=source.decision,
+        max_input_tokens=source.max_tokens,
+        preprocessing=_preprocessing(tokenizer, source.max_tokens),
+        test_metrics=_test_metrics(source.report, source.decision.policy),
+        variants=variants,
+        tokenizer_files=tokenizer_files,
+        export_method=export_method,
+        library_versions=_library_versions(),
+    )
+    (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    write_model_card(staging / "MODEL_CARD.md", manifest, config["data"], source.parts, source.report, len(held_out))
+    return manifest
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What every ONNX variant is compared with: PyTorch's P(emergency) on the held-out notes."""
+
+    texts: list[str]  # validation notes, then test notes
+    torch_probs: np.ndarray
+    valid_labels: np.ndarray
+    threshold: float
+
+    @property
+    def torch_valid_auroc(self) -> float:
+        return float(roc_auc_score(self.valid_labels, self.torch_probs[:len(self.valid_labels)]))
+
+
+def _measure(model_file: Path, tokenizer: Tokenizer, reference: Reference, tolerance: float) -> Variant:
+    """Parity figures of one ONNX file against PyTorch; kept when its validation AUROC is within `tolerance`."""
+    figures = {"file": model_file.name, "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size}
+    try:
+        session = create_session(model_file, ["CPUExecutionProvider"])
+    except BundleError as error:  # e.g. an fp16 kernel the CPU provider lacks: recorded, and the variant dropped
+        log.warning("%s", error)
+        return Variant(**figures, kept=False, max_abs_diff=None, label_agreement=None, valid_auroc=None,
+                       auroc_drop=None, note=f"not evaluated: the CPU provider cannot run it ({error})")
+    probs = predict_proba(session, tokenizer, reference.texts, PARITY_BATCH_SIZE)
+    valid_auroc = float(roc_auc_score(reference.valid_labels, probs[:len(reference.valid_labels)]))
+    drop = reference.torch_valid_auroc - valid_auroc
+    kept = drop <= tolerance
+    threshold = reference.threshold
+    variant = Variant(
+        **figures, kept=kept,
+        max_abs_diff=float(np.abs(probs - reference.torch_probs).max()),
+        label_agreement=float(np.mean((probs >= threshold) == (reference.torch_probs >= threshold))),
+        valid_auroc=valid_auroc, auroc_drop=drop,
+        note=None if kept else f"validation AUROC {drop:.4f} below PyTorch's, more than the tolerance {tolerance}",
+    )
+    log.info("%s: max |dP| %.2e, label agreement %.2f%%, validation AUROC drop %+.4f%s", model_file.name,
+             variant.max_abs_diff, 100 * variant.label_agreement, drop, "" if kept else " -> dropped")
+    return variant
+
+
+def _write_tokenizer(hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, out_dir: Path,
+                     max_tokens: int) -> dict[str, str]:
+    """tokenizer.json with the run's truncation and the tokenizer's padding built in, so that the `tokenizers`
+    library alone encodes exactly as the PyTorch evaluation did; the other files are copied for reference.
+    Returns the sha256 of each file written."""
+    if hf_tokenizer.pad_token is None:
+        raise ExportError(f"{checkpoint}: the tokenizer has no pad token, so batches cannot be padded")
+    backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    backend.enable_truncation(max_tokens, direction=hf_tokenizer.truncation_side)
+    backend.enable_padding(direction=hf_tokenizer.padding_side, pad_id=hf_tokenizer.pad_token_id,
+                           pad_type_id=hf_tokenizer.pad_token_type_id, pad_token=hf_tokenizer.pad_token)
+    backend.save(str(out_dir / TOKENIZER_FILE))
+    for file_name in EXTRA_TOKENIZER_FILES:
+        if (checkpoint / file_name).is_file():
+            shutil.copy2(checkpoint / file_name, out_dir / file_name)
+    written = [TOKENIZER_FILE, *(f for f in EXTRA_TOKENIZER_FILES if (out_dir / f).is_file())]
+    return {file_name: sha256_file(out_dir / file_name) for file_name in written}
+
+
+def _test_report(run_dir: Path, checkpoint: Path) -> dict:
+    """eval/metrics.json, which must describe the checkpoint being exported."""
+    path = run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; run `python -m training evaluate --run {run_dir}` first")
+    report = json.loads(path.read_text())
+    evaluated = (run_dir / report["checkpoint"]["path"]).resolve()
+    if evaluated != checkpoint:
+        raise ExportError(f"{path} describes {evaluated.name}, not the exported {checkpoint.name}; run "
+                          f"`python -m training evaluate --run {run_dir} --metric <the same metric>` first")
+    return report
+
+
+def _decision(checkpoint: Path) -> Decision:
+    info = json.loads((checkpoint / "checkpoint.json").read_text())
+    if "decision" not in info:
+        raise ExportError(f"{checkpoint / 'checkpoint.json'}: no decision threshold; evaluate the run first")
+    decision = info["decision"]
+    target = decision["target_sensitivity"] if decision["policy"] == "target-sensitivity" else None
+    return Decision(threshold=decision["threshold"], policy=decision["policy"], target_sensitivity=target)
+
+
+def _test_metrics(report: dict, policy: str) -> dict:
+    at_threshold = report["thresholds"][policy]
+    return {
+        "counts": report["counts"],
+        "threshold_free": report["threshold_free"],
+        "at_decision_threshold": {"policy": policy, "threshold": at_threshold["threshold"],
+                                  "metrics": at_threshold["metrics"],
+                                  "confusion_matrix": at_threshold["confusion_matrix"]},
+        "bootstrap": report["bootstrap"],
+    }
+
+
+def _preprocessing(tokenizer: Tokenizer, max_tokens: int) -> list[str]:
+    return [
+        "Pass the note text to tokenizer.json unchanged: no cleaning, lowercasing or other rewriting beyond "
+        f"the tokenizer's own normalizer ({_describe_normalizer(json.loads(tokenizer.to_str())['normalizer'])}).",
+        f"Truncate to {max_tokens} tokens, special tokens included (tokenizer.json has this built in); "
+        "the end of a longer note is not seen.",
+        "Pad each batch to its longest note; feed input_ids and attention_mask (and token_type_ids when the "
+        "graph has that input) as int64.",
+        "P(emergency) = softmax(logits)[:, 1]; the label is emergency when P(emergency) >= decision.threshold.",
+    ]
+
+
+def _describe_normalizer(normalizer: dict | None) -> str:
+    """`BertNormalizer`, or `Precompiled, Replace` for a sequence of normalizers."""
+    if normalizer is None:
+        return "none"
+    if normalizer["type"] == "Sequence":
+        return ", ".join(_describe_normalizer(step) for step in normalizer["normalizers"])
+    return normalizer["type"]
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for library in LIBRARIES:
+        try:
+            versions[library] = metadata.version(library)
+        except metadata.PackageNotFoundError:
+            versions[library] = "not installed"
+    return versions
