@@ -11,7 +11,9 @@ import typer
 from rich.logging import RichHandler
 
 from training.cli_options import dataclass_command
-from training.config import ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.config import (
+    ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments, PretrainArguments, TrainingArguments,
+)
 from training.data.examples import DataError
 
 app = typer.Typer(help="Train, distill, evaluate and export clinical triage models.", no_args_is_help=True,
@@ -77,6 +79,20 @@ def export(
         bundle = export_bundle(run, out, metric=metric, name=name, version=version, tolerance=tolerance,
                                parity_atol=parity_atol, quantize_embeddings=quantize_embeddings, overwrite=overwrite)
     typer.echo(f"bundle written to {bundle}")
+
+
+@app.command()
+@dataclass_command(PretrainArguments)
+def pretrain(args: PretrainArguments) -> None:
+    """Masked-LM pretraining of an encoder on a domain corpus (makes a domain teacher); rerun to resume."""
+    from dataclasses import replace
+
+    from training.pretrain import pretrain as run_pretrain
+    from training.pretrained import resolve_model
+
+    with _clear_errors():
+        out = run_pretrain(replace(args, model=resolve_model(args.model)))
+    typer.echo(f"encoder written to {out}")
 
 
 @app.command("prepare-models")

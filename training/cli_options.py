@@ -40,14 +40,21 @@ def dataclass_command(*classes: type) -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
-        owner = {}
+        owner, required = {}, []
         for cls in classes:
             hints = typing.get_type_hints(cls)
             for f in fields(cls):
-                default = f.default if f.default is not MISSING else f.default_factory()
-                option = typer.Option(help=f.metadata.get("help", ""))
+                kind = hints[f.name]
+                if f.default is not MISSING:
+                    default = f.default
+                elif f.default_factory is not MISSING:
+                    default = f.default_factory()
+                else:  # required, but may come from --config: checked after merging
+                    default, kind = None, kind | None
+                    required.append(f.name)
+                option = typer.Option(help=f.metadata.get("help", "") + (" [required]" if f.name in required else ""))
                 params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                annotation=Annotated[hints[f.name], option]))
+                                                annotation=Annotated[kind, option]))
                 owner[f.name] = cls
         params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[Path | None, typer.Option(help=CONFIG_HELP)]))
@@ -61,6 +68,9 @@ def dataclass_command(*classes: type) -> Callable:
             for name, value in from_file.items():
                 if ctx.get_parameter_source(name).name not in ("COMMANDLINE", "ENVIRONMENT"):
                     values[name] = value
+            missing = [f"--{name.replace('_', '-')}" for name in required if values[name] is None]
+            if missing:
+                raise typer.BadParameter(f"missing option(s) {', '.join(missing)} (on the command line or in --config)")
             return fn(*(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in classes))
 
         command.__signature__ = inspect.Signature(params)

@@ -6,7 +6,10 @@ options (flags given on the command line win).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -56,6 +59,7 @@ class TrainingArguments:
     seed: int = field(default=42, metadata={"help": "Seed for weights, batches and dropout."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]. Mixed precision is used on CUDA."})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the word-embedding matrix fixed: with a large multilingual vocabulary (e5-small: 250k x 384) a step is much cheaper, and a small data set cannot move most rows anyway."})
 
 
 @dataclass
@@ -78,3 +82,59 @@ class EvalArguments:
     target_sensitivity: float = field(default=0.95, metadata={"help": "Sensitivity the target-sensitivity threshold must reach on validation."})
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for 95% confidence intervals."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+
+
+@dataclass
+class PretrainArguments:
+    model: str = field(metadata={"help": "Encoder to pretrain: a Hugging Face hub id or a local directory."})
+    corpus: str = field(
+        metadata={"help": "Corpus: 'icd10cm' or a notes file (.csv, .tsv, .jsonl, .parquet: see text_column; .txt: one note per line)."}
+    )
+    out: Path = field(
+        metadata={"help": "Output directory for the encoder and pretrain.json; rerunning with it resumes the run."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column of the notes file that holds the text."})
+    max_length: int = field(default=128, metadata={"help": "Longer lines are truncated to this many tokens."})
+    batch_size: int = field(default=32, metadata={"help": "Lines per optimizer step."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "Fraction of the steps with linear learning-rate warmup."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this global norm."})
+    epochs: float = field(default=1.0, metadata={"help": "Passes over the corpus, unless max_steps is given."})
+    max_steps: int | None = field(default=None, metadata={"help": "Number of optimizer steps; overrides epochs."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens (or words) to mask."})
+    whole_word_mask: bool = field(
+        default=False,
+        metadata={"help": "Mask all sub-tokens of a word together (fast tokenizers only; masked tokens all become [MASK])."},
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={"help": "Batch lines of similar length together: less padding, much faster on corpora of short lines."},
+    )
+    save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every this many steps."})
+    log_steps: int = field(default=50, metadata={"help": "Record the mean training loss every this many steps."})
+    eval_lines: int = field(
+        default=0,
+        metadata={"help": "Hold out this many corpus lines and report MLM loss/accuracy on them before and after; 0: none."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for the MLM head, data order, masking, dropout and hold-out."})
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        for name in ("max_length", "batch_size", "save_steps", "log_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be positive, got {self.epochs}")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.eval_lines < 0:
+            raise ConfigError(f"eval_lines must not be negative, got {self.eval_lines}")
+
+    def options(self) -> dict[str, Any]:
+        """The options as JSON values."""
+        return json.loads(json.dumps(asdict(self), default=str))

@@ -75,7 +75,8 @@ def icd10cm_lines() -> tuple[str, ...]:
 
 
 def icd10cm_tabular_xml() -> Path:
-    """The ICD-10-CM tabular XML shipped in the simple-icd-10-cm package (US public domain)."""
+    """The ICD-10-CM tabular XML shipped in the simple-icd-10-cm package (US public domain); the newest by
+    name if it ships several."""
     data = resources.files("simple_icd_10_cm") / "data"
     found = sorted(entry.name for entry in data.iterdir() if re.fullmatch(r"icd10c.*tabular.*\.xml", entry.name))
     if not found:

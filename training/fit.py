@@ -65,6 +65,8 @@ def fit(data_args: DataArguments, model_args: ModelArguments, train_args: Traini
     tokenizer = load_tokenizer(model_args.student)
     attn = "sdpa" if train_args.method == "base" else "eager"  # distillation reads attention maps
     model = load_student(model_args.student, attn_implementation=attn).to(device)
+    if train_args.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     objective = build_objective(train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device)
 
     generator = torch.Generator().manual_seed(train_args.seed)

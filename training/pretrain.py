@@ -40,6 +40,7 @@ from transformers import (
     set_seed,
 )
 
+from training.config import PretrainArguments
 from training.corpora import load_corpus
 
 logger = logging.getLogger(__name__)
@@ -51,62 +52,6 @@ REPORT = "pretrain.json"
 RESUMABLE_OPTIONS = {"epochs", "max_steps", "save_steps", "log_steps"}
 # With group_by_length, runs of this many batches are sorted by length (as in Hugging Face's LengthGroupedSampler).
 LENGTH_GROUP_BATCHES = 50
-
-
-@dataclass
-class PretrainArguments:
-    model: str = field(metadata={"help": "Encoder to pretrain: a Hugging Face hub id or a local directory."})
-    corpus: str = field(
-        metadata={"help": "Corpus: 'icd10cm' or a notes file (.csv, .tsv, .jsonl, .parquet: see text_column; .txt: one note per line)."}
-    )
-    out: Path = field(
-        metadata={"help": "Output directory for the encoder and pretrain.json; rerunning with it resumes the run."}
-    )
-    text_column: str = field(default="text", metadata={"help": "Column of the notes file that holds the text."})
-    max_length: int = field(default=128, metadata={"help": "Longer lines are truncated to this many tokens."})
-    batch_size: int = field(default=32, metadata={"help": "Lines per optimizer step."})
-    learning_rate: float = field(default=5e-5, metadata={"help": "Peak AdamW learning rate."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
-    warmup_ratio: float = field(default=0.06, metadata={"help": "Fraction of the steps with linear learning-rate warmup."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradients are clipped to this global norm."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the corpus, unless max_steps is given."})
-    max_steps: int | None = field(default=None, metadata={"help": "Number of optimizer steps; overrides epochs."})
-    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens (or words) to mask."})
-    whole_word_mask: bool = field(
-        default=False,
-        metadata={"help": "Mask all sub-tokens of a word together (fast tokenizers only; masked tokens all become [MASK])."},
-    )
-    group_by_length: bool = field(
-        default=True,
-        metadata={"help": "Batch lines of similar length together: less padding, much faster on corpora of short lines."},
-    )
-    save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every this many steps."})
-    log_steps: int = field(default=50, metadata={"help": "Record the mean training loss every this many steps."})
-    eval_lines: int = field(
-        default=0,
-        metadata={"help": "Hold out this many corpus lines and report MLM loss/accuracy on them before and after; 0: none."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed for the MLM head, data order, masking, dropout and hold-out."})
-
-    def __post_init__(self) -> None:
-        self.out = Path(self.out)
-        for name in ("max_length", "batch_size", "save_steps", "log_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if not 0 < self.mlm_probability < 1:
-            raise ValueError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.eval_lines < 0:
-            raise ValueError(f"eval_lines must not be negative, got {self.eval_lines}")
-
-    def options(self) -> dict[str, Any]:
-        """The options as JSON values."""
-        return json.loads(json.dumps(asdict(self), default=str))
 
 
 @dataclass(frozen=True)
@@ -121,7 +66,8 @@ class TrainerState:
     """Progress that a checkpoint carries besides the weights, optimizer, scheduler and RNG states."""
 
     step: int = 0
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss of the steps since the last entry)
+    # (step, mean training loss of the steps since the previous entry)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
     train_seconds: float = 0.0  # time spent in training steps over all sessions, checkpoint writing excluded
     heldout_before: dict[str, float] | None = None
 
@@ -137,8 +83,9 @@ class MlmCollator(DataCollatorForLanguageModeling):
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.whole_word_mask:
             longest = max(len(example["input_ids"]) for example in examples)
+            side = self.tokenizer.padding_side
             examples = [
-                {**example, "offset_mapping": _pad_offsets(example["offset_mapping"], longest, self.tokenizer.padding_side)}
+                {**example, "offset_mapping": _pad_offsets(example["offset_mapping"], longest, side)}
                 for example in examples
             ]
         return super().torch_call(examples)
@@ -217,7 +164,7 @@ def pretrain(args: PretrainArguments) -> Path:
         "heldout_after": heldout_scores(),
     }
     (args.out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    logger.info("pretrained encoder saved to %s after %d steps, final loss %.4f", args.out, state.step, report["final_loss"])
+    logger.info("encoder saved to %s after %d steps, final loss %.4f", args.out, state.step, report["final_loss"])
     return args.out
 
 
@@ -287,7 +234,9 @@ def tokenize(
 ) -> list[dict[str, list]]:
     """Unpadded, truncated encodings of `lines`, one dict per line, as the collator takes them."""
     if whole_word_mask and not tokenizer.is_fast:
-        raise ValueError(f"whole-word masking needs a fast tokenizer (it reads offset mappings); {type(tokenizer).__name__} is not")
+        raise ValueError(
+            f"whole-word masking needs a fast tokenizer (it reads offset mappings); {type(tokenizer).__name__} is not"
+        )
     encoding = tokenizer(
         lines, truncation=True, max_length=max_length,
         return_special_tokens_mask=True, return_offsets_mapping=whole_word_mask,

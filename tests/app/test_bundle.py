@@ -141,3 +141,14 @@ def test_bundle_module_needs_neither_torch_nor_training():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'training')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_auto_variant_follows_the_provider_actually_in_use(tiny_bundle_dir, monkeypatch):
+    """onnxruntime-gpu on a host without a usable GPU lists CUDA but runs on the CPU: serve int8, not fp16."""
+    import onnxruntime
+
+    cpu_only = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *cpu_only])
+    bundle = load_bundle(tiny_bundle_dir)
+    assert bundle.providers == ["CPUExecutionProvider"]
+    assert bundle.variant == "int8"

@@ -1,4 +1,6 @@
-"""POST /fhir/RiskAssessment/$classify with the real tiny bundle, through the app's lifespan. All notes are SYNTHETIC."""
+"""POST /fhir/RiskAssessment/$classify with the real tiny bundle, through the app's lifespan.
+
+All notes are SYNTHETIC."""
 
 import base64
 import logging
@@ -45,9 +47,9 @@ def bundle(tiny_bundle_dir):
 @asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        async with app.router.lifespan_context(app):
-            yield client
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    async with client, app.router.lifespan_context(app):
+        yield client
 
 
 def attachment(text: str, content_type: str = "text/plain; charset=utf-8", encoding: str = "utf-8") -> dict:
@@ -211,7 +213,12 @@ async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(settings, m
     assert "exceed 16 tokens" in outcome_of(too_long).issue[0].diagnostics
 
     run = NoteClassifier.predict
-    monkeypatch.setattr(NoteClassifier, "predict", lambda self, token_ids: time.sleep(0.3) or run(self, token_ids))
+
+    def slow_predict(self, token_ids):
+        time.sleep(0.3)
+        return run(self, token_ids)
+
+    monkeypatch.setattr(NoteClassifier, "predict", slow_predict)
     async with serve(settings(request_timeout_s=0.05)) as client:
         timed_out = await post_fhir(client, document(NOTES[0]))
     assert timed_out.status_code == 503 and timed_out.headers["retry-after"]

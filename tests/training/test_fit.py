@@ -127,3 +127,20 @@ def test_cli_rejects_unknown_config_keys(tmp_path):
     result = CliRunner().invoke(app, ["fit", "--config", str(config)])
     assert result.exit_code != 0
     assert "epochz" in result.output
+
+
+def test_frozen_embeddings_stay_put(tmp_path, notes_csv, tiny_bert_dir):
+    out = tmp_path / "frozen"
+    fit(DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64),
+        train_args(out, epochs=1, max_steps=3, freeze_embeddings=True), DistillArguments(), EvalArguments(bootstrap=10))
+    before = load_student(str(tiny_bert_dir)).get_input_embeddings().weight
+    after = load_student(str(checkpoint_dir(out, "loss"))).get_input_embeddings().weight
+    assert torch.equal(before, after)
+    assert not torch.equal(load_student(str(tiny_bert_dir)).bert.encoder.layer[0].output.dense.weight,
+                           load_student(str(checkpoint_dir(out, "loss"))).bert.encoder.layer[0].output.dense.weight)
+
+
+def test_cli_pretrain_needs_its_required_options():
+    result = CliRunner().invoke(app, ["pretrain", "--corpus", "icd10cm"])
+    assert result.exit_code != 0
+    assert "--model" in result.output and "--out" in result.output

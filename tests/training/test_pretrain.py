@@ -14,14 +14,23 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
 from training import pretrain as pretrain_module
+from training.config import PretrainArguments
 from training.pretrain import (
-    PretrainArguments,
     evaluate_mlm,
     make_collator,
     pretrain,
     shuffled_batches,
     tokenize,
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model trains fastest on one thread, and far faster than on two when other jobs share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +41,7 @@ def notes_csv(tmp_path_factory, notes) -> Path:
 
 
 def tiny_args(model_dir: Path, corpus: Path, out: Path, **options) -> PretrainArguments:
-    defaults = dict(batch_size=16, learning_rate=2e-3, warmup_ratio=0.0, log_steps=5, save_steps=5)
+    defaults = {"batch_size": 16, "learning_rate": 2e-3, "warmup_ratio": 0.0, "log_steps": 5, "save_steps": 5}
     return PretrainArguments(model=str(model_dir), corpus=str(corpus), out=out, **{**defaults, **options})
 
 
@@ -52,7 +61,7 @@ def test_loss_decreases_and_heldout_scores_improve(trained):
     assert written["final_loss"] < written["first_loss"] - 0.5
     assert written["heldout_after"]["loss"] < written["heldout_before"]["loss"]
     assert written["heldout_after"]["masked_tokens"] == written["heldout_before"]["masked_tokens"] > 0
-    assert written["corpus"] == {"lines": 200, "train_lines": 160, "heldout_lines": 40, "sha256": written["corpus"]["sha256"]}
+    assert (written["corpus"]["train_lines"], written["corpus"]["heldout_lines"]) == (160, 40)
     assert written["options"]["max_steps"] == 40 and written["train_seconds"] > 0
 
 

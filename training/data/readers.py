@@ -52,6 +52,9 @@ def _decode_utf8(path: Path, raw: bytes) -> str:
 
 
 def _sniff_delimiter(path: Path, text: str) -> str:
+    header = text.split("\n", 1)[0]
+    if not any(d in header for d in SNIFF_DELIMITERS):
+        return ","  # a single column: nothing to sniff
     try:
         return csv.Sniffer().sniff(text[:65536], delimiters=SNIFF_DELIMITERS).delimiter
     except csv.Error as err:

@@ -109,3 +109,8 @@ def test_fingerprint_changes_with_data():
     frame.loc[0, "text"] = "changed"
     assert first.fingerprint() != build_examples(frame, ["text"], "label", None, "f").fingerprint()
     assert np.array_equal(first.row_ids, [0, 1])
+
+
+def test_single_column_file_needs_no_delimiter(tmp_path):
+    frame = read_table(write(tmp_path, "corpus.csv", "text\nfever since yesterday\ncough\n"))
+    assert frame["text"].tolist() == ["fever since yesterday", "cough"]

@@ -1,0 +1,188 @@
+"""Load a model bundle (`models/NAME/`, written by `python -m training export`) for inference.
+
+A bundle is refused, with a `BundleError` naming the file and the fault, when its manifest is missing
+or invalid, when a file the manifest lists is missing, or when a file this process loads (the chosen
+ONNX variant and the tokenizer files) does not match its sha256 in the manifest.
+
+Imports only onnxruntime, tokenizers, numpy, pydantic and the standard library: the service never
+needs torch, transformers or the `training` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+from tokenizers import Tokenizer
+
+from app.manifest import Manifest
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+VARIANTS = ("fp32", "int8", "fp16")
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+DEFAULT_BATCH_SIZE = 32
+
+
+class BundleError(RuntimeError):
+    """A model bundle that cannot be served; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    manifest: Manifest
+    tokenizer: Tokenizer
+    session: ort.InferenceSession
+    variant: str
+    providers: list[str]
+
+    def predict_proba(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+        """P(emergency) per note, in the order of `texts`."""
+        return predict_proba(self.session, self.tokenizer, texts, batch_size)
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per note as the model sees it: special tokens included, truncation applied."""
+        return [sum(encoding.attention_mask) for encoding in self.tokenizer.encode_batch(texts)]
+
+
+def predict_proba(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str],
+                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+    """P(emergency) per note; notes of similar length share a batch, which is padded to its longest note."""
+    if not texts:
+        return np.zeros(0, dtype=np.float32)
+    input_names = {graph_input.name for graph_input in session.get_inputs()}
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    logits = np.zeros((len(texts), 2), dtype=np.float32)
+    for start in range(0, len(texts), batch_size):
+        positions = order[start:start + batch_size]
+        encodings = tokenizer.encode_batch([texts[i] for i in positions])
+        feed = {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+        }
+        logits[positions] = session.run(["logits"], {k: v for k, v in feed.items() if k in input_names})[0]
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted[:, 1] / shifted.sum(axis=1)
+
+
+def load_bundle(path: str | Path, variant: str = "auto", intra_op_threads: int | None = None,
+                providers: list[str] | None = None) -> Bundle:
+    """Verify and load a bundle.
+
+    `variant`: fp32, int8, fp16, or auto (fp16 on CUDA if kept, else int8 on CPU if kept, else fp32).
+    `providers`: ONNX Runtime execution providers; default CUDA when onnxruntime-gpu offers it, else CPU.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    manifest = read_manifest(root)
+    _require_listed_files(root, manifest)
+    providers = providers or _default_providers()
+    on_cuda = CUDA in providers and CUDA in ort.get_available_providers()
+    for name, digest in manifest.tokenizer_files.items():
+        _verify_sha256(root / name, digest)
+    tokenizer = load_tokenizer(root / TOKENIZER_FILE, manifest.max_input_tokens)
+    chosen = _choose_variant(manifest, variant, on_cuda)
+    session = _open_variant(root, manifest, chosen, providers, intra_op_threads)
+    if on_cuda and variant == "auto" and CUDA not in session.get_providers():
+        # onnxruntime-gpu lists CUDA even on a host without a usable GPU, then runs on the CPU:
+        # serve the CPU's preferred variant rather than fp16 on the CPU.
+        logger.warning("CUDA was asked for but is not in use; choosing the variant for the CPU")
+        chosen = _choose_variant(manifest, variant, on_cuda=False)
+        session = _open_variant(root, manifest, chosen, [CPU], intra_op_threads)
+    return Bundle(manifest, tokenizer, session, chosen, session.get_providers())
+
+
+def _open_variant(root: Path, manifest: Manifest, variant: str, providers: list[str],
+                  intra_op_threads: int | None) -> ort.InferenceSession:
+    model_file = manifest.variants[variant].file
+    _verify_sha256(root / model_file, manifest.variants[variant].sha256)
+    return create_session(root / model_file, providers, intra_op_threads)
+
+
+def read_manifest(root: Path) -> Manifest:
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; a bundle is made by `python -m training export`")
+    try:
+        return Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from None
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors())
+        raise BundleError(f"{path}: invalid manifest: {problems}") from None
+
+
+def load_tokenizer(path: Path, max_input_tokens: int) -> Tokenizer:
+    """The bundle's tokenizer, truncating to `max_input_tokens` and padding each batch to its longest note."""
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # tokenizers raises a bare Exception for unreadable files
+        raise BundleError(f"{path}: not a readable tokenizers file ({error})") from None
+    if tokenizer.padding is None:
+        raise BundleError(f"{path}: has no padding settings (pad token); re-export the bundle")
+    tokenizer.enable_truncation(max_input_tokens, direction=(tokenizer.truncation or {}).get("direction", "right"))
+    tokenizer.enable_padding(**{**tokenizer.padding, "length": None})
+    return tokenizer
+
+
+def create_session(model_path: Path, providers: list[str], intra_op_threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session with every graph optimization applied at load time, for the provider in use."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for unreadable or invalid models
+        raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({type(error).__name__}: {error})") from None
+
+
+def _default_providers() -> list[str]:
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+def _choose_variant(manifest: Manifest, variant: str, on_cuda: bool) -> str:
+    kept = [name for name, v in manifest.variants.items() if v.kept]
+    if variant == "auto":
+        preferred = "fp16" if on_cuda else "int8"
+        return preferred if preferred in kept else "fp32"
+    if variant not in VARIANTS:
+        raise BundleError(f"unknown variant {variant!r}; choose auto, {', '.join(VARIANTS)}")
+    if variant not in kept:
+        raise BundleError(f"{MANIFEST_FILE}: variant {variant!r} is not in this bundle (kept: {', '.join(kept)})")
+    return variant
+
+
+def _require_listed_files(root: Path, manifest: Manifest) -> None:
+    listed = [v.file for v in manifest.variants.values() if v.kept] + list(manifest.tokenizer_files)
+    if TOKENIZER_FILE not in manifest.tokenizer_files:
+        raise BundleError(f"{root / MANIFEST_FILE}: lists no {TOKENIZER_FILE}")
+    if "fp32" not in manifest.variants or not manifest.variants["fp32"].kept:
+        raise BundleError(f"{root / MANIFEST_FILE}: has no kept fp32 variant")
+    for name in listed:
+        if not (root / name).is_file():
+            raise BundleError(f"{root / name}: missing (listed in {MANIFEST_FILE})")
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
+    digest = sha256_file(path)
+    if digest != expected:
+        raise BundleError(f"{path}: sha256 {digest} does not match the manifest's {expected} (file changed or corrupted)")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,66 @@
+"""`python -m app serve`: every `Settings` field is a flag, so that flags and settings never drift apart.
+
+Precedence: flag > environment variable `TRIAGE_<NAME>` > default.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from pydantic_core import PydanticUndefined
+
+from app.settings import Settings
+
+cli = typer.Typer(help="Serve a triage model bundle over HTTP.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+
+@cli.callback()
+def main() -> None:
+    """Clinical triage inference service."""
+
+
+def settings_flags(command: Callable[[Settings], Any]) -> Callable[..., Any]:
+    """Turn `command(settings)` into a typer command taking one flag per `Settings` field.
+
+    A flag left out is not passed on (its default is None), so the environment or the field's
+    default applies.
+    """
+    parameters = []
+    for name, field in Settings.model_fields.items():
+        env = f"env {Settings.model_config['env_prefix']}{name.upper()}"
+        shown_default = field.default not in (PydanticUndefined, None) and field.default_factory is None
+        help_text = f"{field.description} ({f'default {field.default}; ' if shown_default else ''}{env})"
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[field.annotation | None, typer.Option(help=help_text)]))
+
+    @functools.wraps(command)
+    def with_settings(**flags: Any) -> Any:
+        try:
+            settings = Settings(**{name: value for name, value in flags.items() if value is not None})
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors())
+            typer.secho(f"error: invalid settings: {problems}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+        return command(settings)
+
+    with_settings.__signature__ = inspect.Signature(parameters)
+    return with_settings
+
+
+@cli.command()
+@settings_flags
+def serve(settings: Settings) -> None:
+    """Load the bundle, warm it up and serve /classify (one process: the batcher lives in it)."""
+    import uvicorn
+
+    from app.logs import configure_logging
+    from app.main import create_app
+
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)

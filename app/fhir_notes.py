@@ -1,0 +1,191 @@
+"""Triage notes out of FHIR R4 resources: a DocumentReference, a Communication, or a Bundle of them.
+
+Resources are parsed and validated with `fhir.resources.R4B`: FHIR R4B changed none of the resources
+used here (DocumentReference, Communication, Bundle, RiskAssessment, OperationOutcome) from R4, so
+R4 clients and servers read and write them unchanged.
+
+Every fault is a `FhirInputError` carrying an OperationOutcome issue code and a message that names
+the element at fault, never its content: a note's text must not come back in an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from fastapi import HTTPException
+from fhir.resources.R4B.attachment import Attachment
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.communication import Communication
+from fhir.resources.R4B.documentreference import DocumentReference
+from fhir.resources.R4B.reference import Reference
+from fhir.resources.R4B.resource import Resource
+from pydantic import ValidationError
+
+from app.schemas import NON_BLANK
+
+NOTE_RESOURCES: dict[str, type[DocumentReference] | type[Communication]] = {
+    "DocumentReference": DocumentReference, "Communication": Communication}
+ACCEPTED_RESOURCES = {**NOTE_RESOURCES, "Bundle": Bundle}
+BUNDLE_TYPES = ("collection", "batch", "transaction", "searchset")
+# Searchset entries that are not search results: resources included alongside them, and OperationOutcomes.
+NOT_SEARCH_MATCHES = ("include", "outcome")
+NOTE_MEDIA_TYPE = "text/plain"
+DEFAULT_CHARSET = "utf-8"
+_RESOURCE_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+class FhirInputError(HTTPException):
+    """A request the FHIR endpoints cannot classify; `issue_code` is the OperationOutcome issue type."""
+
+    def __init__(self, status: HTTPStatus, issue_code: str, diagnostics: str) -> None:
+        super().__init__(status, diagnostics)
+        self.issue_code = issue_code
+
+
+@dataclass(frozen=True)
+class FhirNote:
+    text: str
+    source: Reference  # the resource the note came from, for RiskAssessment.basis
+    subject: Reference | None
+    encounter: Reference | None
+
+
+def parse_resource(body: bytes) -> Resource:
+    """The request body as a validated DocumentReference, Communication or Bundle."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure",
+                             f"body is not JSON (line {error.lineno}, column {error.colno})") from None
+    return validate_resource(data, "body")
+
+
+def validate_resource(data: object, where: str) -> Resource:
+    """`data` (a parsed JSON value found at `where`) as a validated DocumentReference, Communication or Bundle."""
+    resource_type = data.get("resourceType") if isinstance(data, dict) else None
+    if not isinstance(resource_type, str):
+        raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure", f"{where} is not a FHIR resource (no resourceType)")
+    if resource_type not in ACCEPTED_RESOURCES:
+        shown = repr(resource_type) if _RESOURCE_TYPE_NAME.fullmatch(resource_type) else "given"
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
+                             f"{where}: resourceType {shown} is not accepted; send a DocumentReference, a "
+                             f"Communication or a Bundle of them")
+    try:
+        return ACCEPTED_RESOURCES[resource_type].model_validate(data)
+    except ValidationError as error:
+        # Location and message only: pydantic's `input` would be the note itself.
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or resource_type}: {e['msg']}" for e in error.errors())
+        raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure",
+                             f"{where}: invalid {resource_type}: {problems}") from None
+
+
+def notes_in(resource: Resource) -> list[FhirNote]:
+    """The notes of a DocumentReference or Communication (one), or of a Bundle of them (in entry order; none
+    when it has no entries, or only a searchset's included resources)."""
+    if not isinstance(resource, Bundle):
+        return [_note_of(resource, resource.get_resource_type(), full_url=None)]
+    if resource.type not in BUNDLE_TYPES:
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
+                             f"Bundle.type must be one of {', '.join(BUNDLE_TYPES)}")
+    notes = []
+    for position, entry in enumerate(resource.entry or []):
+        if entry.search is not None and entry.search.mode in NOT_SEARCH_MATCHES:
+            continue
+        where = f"Bundle.entry[{position}].resource"
+        if entry.resource is None or entry.resource.get_resource_type() not in NOTE_RESOURCES:
+            raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
+                                 f"{where}: a Bundle entry must be a DocumentReference or a Communication")
+        notes.append(_note_of(entry.resource, where, entry.fullUrl))
+    return notes
+
+
+def _note_of(resource: DocumentReference | Communication, where: str, full_url: str | None) -> FhirNote:
+    if isinstance(resource, DocumentReference):
+        text = _document_text(resource, where)
+        encounters = resource.context.encounter if resource.context is not None else None
+        encounter = encounters[0] if encounters else None
+    else:
+        text = _communication_text(resource, where)
+        encounter = resource.encounter
+    if not re.search(NON_BLANK, text):
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", f"{where}: the note text is blank")
+    return FhirNote(text, _reference_to(resource, where, full_url), resource.subject, encounter)
+
+
+def _document_text(document: DocumentReference, where: str) -> str:
+    """The note in the first `text/plain` attachment: DocumentReference.content entries are renditions of
+    one document, so a PDF beside the plain text is simply not used."""
+    attachments = [content.attachment for content in document.content or []]
+    if not attachments:
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", f"{where}: has no content[].attachment")
+    for position, attachment in enumerate(attachments):
+        if _media_type(attachment)[0] == NOTE_MEDIA_TYPE:
+            return attachment_text(attachment, f"{where}.content[{position}].attachment")
+    raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
+                         f"{where}: no content[].attachment has contentType {NOTE_MEDIA_TYPE} (found: "
+                         f"{', '.join(_media_type(attachment)[0] or 'none' for attachment in attachments)})")
+
+
+def _communication_text(communication: Communication, where: str) -> str:
+    """The text parts of the message (contentString, text/plain contentAttachment), joined by blank lines;
+    other parts (images, references) are not used."""
+    parts = []
+    for position, payload in enumerate(communication.payload or []):
+        if payload.contentString is not None:
+            parts.append(payload.contentString)
+        elif payload.contentAttachment is not None and _media_type(payload.contentAttachment)[0] == NOTE_MEDIA_TYPE:
+            parts.append(attachment_text(payload.contentAttachment, f"{where}.payload[{position}].contentAttachment"))
+    if not parts:
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required",
+                             f"{where}: no payload holds contentString or a {NOTE_MEDIA_TYPE} contentAttachment")
+    return "\n\n".join(parts)
+
+
+def attachment_text(attachment: Attachment, where: str) -> str:
+    """A text/plain attachment's inline `data` (base64, already decoded by fhir.resources) in its charset."""
+    if attachment.data is None:
+        # Fetching `url` would let a caller make this service request any address; notes must come inline.
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
+                             f"{where}: has no inline data (attachment.url is not fetched); send the note "
+                             f"base64-encoded in attachment.data")
+    charset = _media_type(attachment)[1]
+    try:
+        return attachment.data.decode(charset)
+    except LookupError:
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
+                             f"{where}: unknown charset in contentType") from None
+    except UnicodeDecodeError as error:
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid",
+                             f"{where}: data is not valid {charset} (byte {error.start})") from None
+
+
+def _media_type(attachment: Attachment) -> tuple[str | None, str]:
+    """(media type in lower case, or None when contentType is missing; charset, default UTF-8).
+
+    Parsed by hand: `email.message.Message` would read a malformed type as text/plain, as RFC 2045 says
+    mail readers should.
+    """
+    if not attachment.contentType:
+        return None, DEFAULT_CHARSET
+    media_type, *parameters = attachment.contentType.split(";")
+    charset = DEFAULT_CHARSET
+    for parameter in parameters:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"')
+    return media_type.strip().lower(), charset
+
+
+def _reference_to(resource: DocumentReference | Communication, where: str, full_url: str | None) -> Reference:
+    """A reference to the note's resource: by id, else by Bundle fullUrl, else by its first identifier."""
+    resource_type = resource.get_resource_type()
+    if resource.id:
+        return Reference(reference=f"{resource_type}/{resource.id}")
+    if full_url:
+        return Reference(reference=full_url, type=resource_type)
+    if resource.identifier:
+        return Reference(type=resource_type, identifier=resource.identifier[0])
+    return Reference(type=resource_type, display=f"{where} of the request (no id or identifier)")

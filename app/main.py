@@ -1,0 +1,73 @@
+"""The app factory: `create_app(settings)`; its lifespan loads and warms up the bundle and runs the batcher."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from app import cds_hooks, fhir
+from app.batching import DynamicBatcher
+from app.bundle import load_bundle
+from app.inference import NoteClassifier
+from app.metrics import Metrics
+from app.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from app.routes import Service, router
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+WARM_UP_TEXT = "warm-up"
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(title="ED triage classifier", lifespan=_lifespan,
+                  description="Classifies emergency-department triage notes as emergency or non-emergency.")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.service = None
+    routers = (router, fhir.router, cds_hooks.router)
+    for included in routers:
+        app.include_router(included)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics,
+                       route_paths={route.path for included in routers for route in included.routes})
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    metrics: Metrics = app.state.metrics
+    started = time.perf_counter()
+    bundle = load_bundle(settings.bundle, settings.variant, settings.intra_op_threads)
+    classifier = NoteClassifier(bundle, settings.max_note_tokens or bundle.manifest.max_input_tokens)
+    classifier.predict([note.ids for note in classifier.encode([WARM_UP_TEXT])])
+    async with DynamicBatcher(
+        classifier.predict, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_wait_ms, queue_capacity=settings.queue_capacity, on_batch=metrics.observe_batch,
+    ) as batcher:
+        metrics.track_queue_depth(lambda: batcher.queue_depth)
+        app.state.service = Service(settings, bundle, classifier, batcher)
+        logger.info("model ready", extra={"fields": {
+            "model": app.state.service.model.name, "version": bundle.manifest.version, "variant": bundle.variant,
+            "providers": bundle.providers, "load_s": round(time.perf_counter() - started, 3)}})
+        try:
+            yield
+        finally:
+            app.state.service = None  # readyz answers 503 while queued work drains
+            logger.info("shutting down: finishing queued notes", extra={"fields": {"queued": batcher.queue_depth}})
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 keeping each error's type, location and message: its `input` (a note, perhaps) is
+    not sent back, so it cannot end up in a proxy's or client's logs either."""
+    errors = [{key: entry[key] for key in ("type", "loc", "msg")} for entry in error.errors()]
+    request.state.log_fields = {"validation_errors": sorted({entry["type"] for entry in errors})}
+    return JSONResponse({"detail": errors}, status_code=422)

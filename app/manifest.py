@@ -1,0 +1,59 @@
+"""The model bundle's manifest: what the service needs to know about a model, validated on load."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+LABELS = ("non-emergency", "emergency")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Encoders(Strict):
+    student: str = Field(description="The student encoder the model was fine-tuned from.")
+    teacher: str | None = Field(None, description="The domain teacher distilled into the student, if any.")
+    method: str = Field(description="Training method: base, mlkd or ensemble.")
+
+
+class Decision(Strict):
+    threshold: float = Field(ge=0, le=1, description="P(emergency) at or above which a note is labelled emergency.")
+    policy: str = Field(description="How the threshold was chosen: prevalence, fixed-0.5 or target-sensitivity.")
+    target_sensitivity: float | None = Field(None, description="Validation sensitivity aimed at (target-sensitivity).")
+
+
+class Variant(Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int
+    kept: bool = Field(description="In the bundle; a variant that failed its checks is listed with its figures, "
+                                   "but its file is deleted.")
+    max_abs_diff: float | None = Field(description="Largest |P_onnx - P_torch| on held-out notes "
+                                                   "(None: could not be run on the CPU provider, see note).")
+    label_agreement: float | None = Field(description="Fraction of held-out notes given the same label as "
+                                                      "PyTorch at the decision threshold.")
+    valid_auroc: float | None
+    auroc_drop: float | None = Field(description="Validation AUROC of PyTorch minus this variant's.")
+    note: str | None = Field(None, description="Why the variant was dropped or not evaluated.")
+
+
+class Manifest(Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    created_at: datetime
+    source_run: str
+    encoders: Encoders
+    labels: tuple[str, str] = LABELS
+    decision: Decision
+    max_input_tokens: int = Field(gt=0)
+    preprocessing: list[str] = Field(description="What is done to a note's text before tokenization.")
+    test_metrics: dict = Field(description="Test-set metrics with 95% bootstrap CIs, as written by the evaluation.")
+    variants: dict[str, Variant] = Field(description="ONNX files by variant name: fp32, int8, fp16.")
+    tokenizer_files: dict[str, str] = Field(description="sha256 of each tokenizer file.")
+    export_method: str = Field(description="optimum, or torch.onnx when optimum could not export the architecture.")
+    library_versions: dict[str, str]

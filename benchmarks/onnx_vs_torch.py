@@ -1,0 +1,131 @@
+"""Throughput and test AUROC of a run's PyTorch student against its exported ONNX bundle, on CPU.
+
+Run from the repository root:
+
+    python -m benchmarks.onnx_vs_torch --run runs/NAME --bundle models/NAME [--threads 2 --repeats 5]
+
+Every engine classifies the run's own test notes, in their stored order, in batches of 1, 8 and 32;
+a timing covers tokenization, the forward pass and the softmax (what the service does per request).
+Engines: PyTorch eager (the best checkpoint, as trained) and the bundle's ONNX variants, all in
+this process, with the same thread count and inputs; each repeat times every engine in turn, and the
+median over repeats is reported. On a shared machine the figures are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from app.bundle import create_session, load_tokenizer
+from app.bundle import predict_proba as onnx_predict_proba
+from app.manifest import Manifest
+from training.checkpoints import checkpoint_dir
+from training.config import DataArguments
+from training.data.loading import load_parts
+from training.modeling import load_student
+from training.modeling import load_tokenizer as load_hf_tokenizer
+from training.predict import predict_proba as torch_predict_proba
+from training.run_report import load_run_config
+
+Predict = Callable[[list[str]], np.ndarray]
+GOAL_SPEEDUP, GOAL_AUROC_DROP, GOAL_BATCH = 2.5, 0.005, 32
+
+
+def torch_engine(checkpoint: Path, max_tokens: int) -> tuple[Predict, Predict]:
+    """(batch predictor, whole-test-set predictor) of the PyTorch student."""
+    model, tokenizer = load_student(str(checkpoint)).eval(), load_hf_tokenizer(str(checkpoint))
+
+    @torch.inference_mode()
+    def predict_batch(texts: list[str]) -> np.ndarray:
+        inputs = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")
+        return torch.softmax(model(**inputs).logits, dim=-1)[:, 1].numpy()
+
+    return predict_batch, lambda texts: torch_predict_proba(model, tokenizer, texts, GOAL_BATCH, max_tokens)[0]
+
+
+def onnx_engine(bundle: Path, model_file: str, max_tokens: int, threads: int) -> tuple[Predict, Predict]:
+    session = create_session(bundle / model_file, ["CPUExecutionProvider"], intra_op_threads=threads)
+    tokenizer = load_tokenizer(bundle / "tokenizer.json", max_tokens)
+    return (lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=len(texts)),
+            lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=GOAL_BATCH))
+
+
+def notes_per_second(engines: dict[str, Predict], texts: list[str], batch_size: int, repeats: int) -> dict[str, float]:
+    """Median over `repeats` of the throughput on all `texts`; engines take turns within each repeat."""
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    seconds: dict[str, list[float]] = {name: [] for name in engines}
+    for predict in engines.values():
+        predict(batches[0])  # warm-up
+    for _ in range(repeats):
+        for name, predict in engines.items():
+            start = time.perf_counter()
+            for batch in batches:
+                predict(batch)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: len(texts) / statistics.median(times) for name, times in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="Run directory (its test split and best checkpoint).")
+    parser.add_argument("--bundle", type=Path, required=True, help="Bundle exported from that run.")
+    parser.add_argument("--metric", default="auroc", help="Best checkpoint of the run (as exported).")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="Threads of PyTorch and of ONNX Runtime.")
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int8"],
+                        help="ONNX variants to time (fp16 is meant for GPUs and is slow on the CPU provider).")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    manifest = Manifest.model_validate_json((args.bundle / "manifest.json").read_text())
+    config = load_run_config(args.run)
+    test = load_parts(DataArguments(**{**config["data"], "split_file": str(args.run / "split.json")}))["test"]
+    checkpoint = checkpoint_dir(args.run, args.metric)
+    max_tokens = manifest.max_input_tokens
+
+    engines = {"PyTorch eager fp32": torch_engine(checkpoint, max_tokens)}
+    sizes = {"PyTorch eager fp32": (checkpoint / "model.safetensors").stat().st_size}
+    for name, variant in manifest.variants.items():
+        if name in args.variants and variant.kept:
+            engines[f"ONNX {name}"] = onnx_engine(args.bundle, variant.file, max_tokens, args.threads)
+            sizes[f"ONNX {name}"] = variant.size_bytes
+
+    aurocs = {name: roc_auc_score(test.labels, predict_all(test.texts)) for name, (_, predict_all) in engines.items()}
+    throughput = {size: notes_per_second({n: e[0] for n, e in engines.items()}, test.texts, size, args.repeats)
+                  for size in args.batch_sizes}
+
+    torch_name = "PyTorch eager fp32"
+    tokenizer = load_tokenizer(args.bundle / "tokenizer.json", max_tokens)
+    tokens = [sum(e.attention_mask) for e in tokenizer.encode_batch(test.texts)]
+    print(f"{len(test)} test notes of {args.run} ({np.median(tokens):.0f} tokens median, {max(tokens)} max), "
+          f"{args.threads} threads, median of {args.repeats} repeats; torch {torch.__version__}.\n")
+    print("| engine | file (MB) | test AUROC | AUROC drop | "
+          + " | ".join(f"notes/s @{b}" for b in args.batch_sizes) + f" | speed-up @{args.batch_sizes[-1]} |")
+    print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in args.batch_sizes) + " | ---: |")
+    last = args.batch_sizes[-1]
+    for name in engines:
+        speeds = " | ".join(f"{throughput[b][name]:.1f}" for b in args.batch_sizes)
+        print(f"| {name} | {sizes[name] / 1e6:.1f} | {aurocs[name]:.4f} | {aurocs[torch_name] - aurocs[name]:+.4f} | "
+              f"{speeds} | {throughput[last][name] / throughput[last][torch_name]:.2f}x |")
+
+    if "ONNX int8" in engines and GOAL_BATCH in args.batch_sizes:
+        speedup = throughput[GOAL_BATCH]["ONNX int8"] / throughput[GOAL_BATCH][torch_name]
+        drop = aurocs[torch_name] - aurocs["ONNX int8"]
+        met = speedup >= GOAL_SPEEDUP and drop <= GOAL_AUROC_DROP
+        print(f"\nGoal (int8 >= {GOAL_SPEEDUP}x PyTorch at batch {GOAL_BATCH}, AUROC drop <= {GOAL_AUROC_DROP}): "
+              f"{'met' if met else 'NOT met'} ({speedup:.2f}x, drop {drop:+.4f}).")
+    print("\nManifest parity (held-out notes):", json.dumps(
+        {name: {"max_abs_diff": v.max_abs_diff, "kept": v.kept} for name, v in manifest.variants.items()}))
+
+
+if __name__ == "__main__":
+    main()

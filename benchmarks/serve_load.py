@@ -1,0 +1,299 @@
+"""Closed-loop HTTP load on the service and on peer servers of the same model, on 127.0.0.1.
+
+Run from the repository root:
+
+    python -m benchmarks.serve_load --bundle models/NAME [--seconds 25] [--concurrency 1 8 32 64]
+        [--servers service-int8 service-fp32 ...] [--checkpoint runs/NAME/checkpoints/best-auroc]
+
+Servers (subprocesses started here, warmed up, measured, then stopped; all pinned to --threads):
+  service-int8, service-fp32   this service (`python -m app serve`), default settings (dynamic batching)
+  service-int8-batch1          this service with --max-batch-size 1: same code path, no batching
+  onnx-threadpool-int8         minimal FastAPI endpoint, one session.run per request (benchmarks/peers)
+  torch-eager                  hand-written FastAPI + PyTorch eager server of the run's checkpoint
+  litserve-int8                LitServe with dynamic batching serving the same ONNX bundle
+
+Each cell runs `concurrency` clients, each sending one KTAS note per request and the next as soon as
+the answer arrives, for --seconds (at most --max-requests requests per slice). Every server runs for
+the whole benchmark but is paused (SIGSTOP) while another is measured, and each cell is split into
+--rounds interleaved slices, so that other work on a shared machine weighs on all servers alike. Notes are the real KTAS triage
+notes, cycled; their text is never printed. Any answer other than 200, and any transport error, is
+counted as an error. Throughput counts answered (200) requests only. For this service, the mean
+batch size per cell comes from its /metrics. Server CPU per note is the CPU time of the server's
+processes over the cell (ONNX Runtime's spin-waiting threads count too) per answered note: less
+sensitive than throughput to other work on the machine. The client shares the machine's cores with
+the server; its CPU share is printed per cell.
+
+First, the int8 model alone (in this process, no HTTP) is timed at batch 1 and 32: its ratio is the
+most that batching can gain on this machine. On a shared machine figures are indicative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import os
+import tempfile
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.bundle import load_bundle, read_manifest
+from app.inference import NoteClassifier
+from benchmarks.http_client import TRANSPORT_ERRORS, HttpClient
+from benchmarks.servers import (PYTHON, SERVICE_METRICS_PATH, RunningServer, ServerSpec, group_cpu_seconds, json_body,
+                               resumed, running_server, service_argv)
+from training.data.ktas import load_ktas
+
+CONCURRENCIES = (1, 8, 32, 64)
+RATIO_CONCURRENCY = 32
+GOAL_BATCHING_GAIN, GOAL_PEER_GAIN = 4.0, 1.2
+SERVICE = "service-int8"
+NO_BATCHING = ("service-int8-batch1", "onnx-threadpool-int8")
+PEERS = ("onnx-threadpool-int8", "torch-eager", "litserve-int8")
+WARM_UP_CONCURRENCY = 8
+CEILING_BATCH_SIZES = (1, 32)
+CEILING_SECONDS = 5.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One server at one concurrency: totals over all its time slices."""
+
+    server: str
+    concurrency: int
+    seconds: float
+    latencies_ms: np.ndarray  # of answered (200) requests
+    errors: Counter[str]  # status code or exception type -> count
+    client_cpu_s: float  # CPU seconds of this (client) process
+    server_cpu_s: float = math.nan  # CPU seconds of the server's processes
+    batch_notes: float = math.nan  # notes and model runs, where the server reports them (this service)
+    batch_runs: float = math.nan
+
+    @property
+    def requests_per_s(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+    @property
+    def notes_per_s(self) -> float:
+        return self.requests_per_s  # one note per request
+
+    @property
+    def server_cpu_ms_per_note(self) -> float:
+        return self.server_cpu_s * 1000 / len(self.latencies_ms) if len(self.latencies_ms) else math.nan
+
+    @property
+    def mean_batch(self) -> float:
+        return self.batch_notes / self.batch_runs if self.batch_runs else math.nan
+
+    def latency_ms(self, percentile: float) -> float:
+        return float(np.percentile(self.latencies_ms, percentile)) if len(self.latencies_ms) else math.nan
+
+
+def merge(slices: list[Cell]) -> Cell:
+    first = slices[0]
+    return Cell(first.server, first.concurrency, sum(c.seconds for c in slices),
+                np.concatenate([c.latencies_ms for c in slices]), sum((c.errors for c in slices), Counter()),
+                sum(c.client_cpu_s for c in slices), sum(c.server_cpu_s for c in slices),
+                sum(c.batch_notes for c in slices), sum(c.batch_runs for c in slices))
+
+
+def server_specs(bundle: Path, checkpoint: Path, threads: int) -> dict[str, ServerSpec]:
+    onnx_peer = ["--bundle", str(bundle), "--variant", "int8", "--threads", str(threads)]
+    specs = [
+        ServerSpec("service-int8", service_argv(bundle, "int8", threads), threads, SERVICE_METRICS_PATH),
+        ServerSpec("service-fp32", service_argv(bundle, "fp32", threads), threads, SERVICE_METRICS_PATH),
+        ServerSpec("service-int8-batch1", [*service_argv(bundle, "int8", threads), "--max-batch-size", "1"], threads,
+                   SERVICE_METRICS_PATH),
+        ServerSpec("onnx-threadpool-int8", [PYTHON, "-m", "benchmarks.peers.onnx_threadpool", *onnx_peer], threads),
+        ServerSpec("torch-eager", [PYTHON, "-m", "benchmarks.peers.torch_eager", "--checkpoint", str(checkpoint),
+                                   "--threads", str(threads)], threads),
+        ServerSpec("litserve-int8", [PYTHON, "-m", "benchmarks.peers.litserve_onnx", *onnx_peer], threads),
+    ]
+    return {spec.name: spec for spec in specs}
+
+
+def model_ceiling(bundle: Path, threads: int, notes: list[str], seconds: float) -> dict[int, float]:
+    """Notes/s of the service's model run alone (int8, in this process, no HTTP) per batch size: the
+    most that batching can gain on this machine."""
+    classifier = NoteClassifier(load_bundle(bundle, "int8", threads), read_manifest(bundle).max_input_tokens)
+    token_ids = [note.ids for note in classifier.encode(notes)]
+    rates = {}
+    for size in CEILING_BATCH_SIZES:
+        batches = itertools.cycle(token_ids[start:start + size] for start in range(0, len(token_ids) - size, size))
+        classifier.predict(next(batches))
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            done += len(classifier.predict(next(batches)))
+        rates[size] = done / (time.perf_counter() - started)
+    return rates
+
+
+def batch_totals(metrics_url: str) -> tuple[float, float]:
+    """(notes, model runs) the service has done so far, from its Prometheus batch-size histogram."""
+    families = text_string_to_metric_families(httpx.get(metrics_url, timeout=30).text)
+    samples = {sample.name: sample.value for family in families for sample in family.samples}
+    return samples["triage_batch_size_sum"], samples["triage_batch_size_count"]
+
+
+async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: int, seconds: float,
+                      max_requests: int) -> Cell:
+    """`concurrency` clients sending back to back until `seconds` have passed or `max_requests` were sent."""
+    latencies_ms: list[float] = []
+    errors: Counter[str] = Counter()
+    request_numbers = itertools.count()
+    async with HttpClient(url, concurrency, REQUEST_TIMEOUT_S) as client:
+        started, cpu_started = time.perf_counter(), time.process_time()
+        deadline = started + seconds
+
+        async def one_client() -> None:
+            while time.perf_counter() < deadline and (number := next(request_numbers)) < max_requests:
+                sent = time.perf_counter()
+                try:
+                    status, _ = await client.post_json(bodies[number % len(bodies)])
+                except TRANSPORT_ERRORS as error:
+                    errors[type(error).__name__] += 1
+                    continue
+                if status == 200:
+                    latencies_ms.append((time.perf_counter() - sent) * 1000)
+                else:
+                    errors[str(status)] += 1
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        elapsed, client_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return Cell(server, concurrency, elapsed, np.array(latencies_ms), errors, client_cpu_s)
+
+
+def measure_slice(server: RunningServer, bodies: list[bytes], concurrency: int, seconds: float,
+                  max_requests: int) -> Cell:
+    batches_before = batch_totals(server.metrics_url) if server.metrics_url else (math.nan, math.nan)
+    cpu_before = group_cpu_seconds(server.pid)
+    cell = asyncio.run(closed_loop(server.name, server.url, bodies, concurrency, seconds, max_requests))
+    batch_notes, batch_runs = (np.subtract(batch_totals(server.metrics_url), batches_before) if server.metrics_url
+                               else batches_before)
+    return replace(cell, server_cpu_s=group_cpu_seconds(server.pid) - cpu_before, batch_notes=batch_notes,
+                   batch_runs=batch_runs)
+
+
+def measure_all(specs: list[ServerSpec], bodies: list[bytes], probe_text: str, args: argparse.Namespace,
+                log_dir: Path) -> list[Cell]:
+    """Start every server (each paused while it is not measured), warm each up, then measure in
+    --rounds rounds, each giving every server a 1/rounds slice of every cell; the server order flips
+    from round to round. Other work on the machine then weighs on all servers alike."""
+    slices: dict[tuple[str, int], list[Cell]] = {(spec.name, c): [] for spec in specs for c in args.concurrency}
+    with ExitStack() as stack:
+        servers = []
+        for spec in specs:
+            servers.append(server := stack.enter_context(running_server(spec, log_dir, probe_text)))
+            with resumed(server):
+                asyncio.run(closed_loop(server.name, server.url, bodies, WARM_UP_CONCURRENCY, args.warmup_seconds,
+                                        args.max_requests))
+            _progress(f"{spec.name}: ready and warmed up (pid {server.pid}); load average {os.getloadavg()[0]:.2f}")
+        for round_number in range(args.rounds):
+            for concurrency in args.concurrency:
+                for server in servers if round_number % 2 == 0 else reversed(servers):
+                    with resumed(server):
+                        cell = measure_slice(server, bodies, concurrency, args.seconds / args.rounds,
+                                             args.max_requests)
+                    slices[server.name, concurrency].append(cell)
+                    _progress(f"round {round_number + 1}/{args.rounds} {server.name} c={concurrency}: "
+                              f"{cell.notes_per_s:.1f} notes/s, p99 {cell.latency_ms(99):.1f} ms, "
+                              f"errors {sum(cell.errors.values())}; load average {os.getloadavg()[0]:.2f}")
+    return [merge(cells) for cells in slices.values()]
+
+
+def markdown_table(cells: list[Cell]) -> str:
+    lines = ["| server | concurrency | req/s | notes/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+             "| server CPU ms/note | client CPU |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for cell in cells:
+        errors = sum(cell.errors.values())
+        error_text = f"{errors} ({', '.join(f'{kind}: {n}' for kind, n in cell.errors.items())})" if errors else "0"
+        lines.append(f"| {cell.server} | {cell.concurrency} | {cell.requests_per_s:.1f} | {cell.notes_per_s:.1f} | "
+                     f"{cell.latency_ms(50):.1f} | {cell.latency_ms(95):.1f} | {cell.latency_ms(99):.1f} | "
+                     f"{error_text} | {'-' if math.isnan(cell.mean_batch) else f'{cell.mean_batch:.1f}'} | "
+                     f"{cell.server_cpu_ms_per_note:.1f} | {cell.client_cpu_s / cell.seconds:.0%} |")
+    return "\n".join(lines)
+
+
+def ratio_lines(cells: list[Cell]) -> list[str]:
+    """This service against no batching and against the best peer, at RATIO_CONCURRENCY."""
+    at = {cell.server: cell for cell in cells if cell.concurrency == RATIO_CONCURRENCY}
+    service = at.get(SERVICE)
+    if service is None:
+        return [f"(no ratios: {SERVICE} was not measured at concurrency {RATIO_CONCURRENCY})"]
+    lines = []
+    for name in NO_BATCHING:
+        if name in at:
+            gain = service.notes_per_s / at[name].notes_per_s
+            lines.append(f"- {SERVICE} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s "
+                         f"(goal >= {GOAL_BATCHING_GAIN:g}x: {'met' if gain >= GOAL_BATCHING_GAIN else 'NOT met'})")
+    peers = [at[name] for name in PEERS if name in at]
+    if peers:
+        best = max(peers, key=lambda cell: cell.notes_per_s)
+        gain = service.notes_per_s / best.notes_per_s
+        p99_ok = service.latency_ms(99) <= best.latency_ms(99)
+        met = gain >= GOAL_PEER_GAIN and p99_ok
+        lines.append(f"- {SERVICE} / best peer ({best.server}) at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s, "
+                     f"p99 {service.latency_ms(99):.1f} ms vs {best.latency_ms(99):.1f} ms "
+                     f"(goal >= {GOAL_PEER_GAIN:g}x at equal or better p99: {'met' if met else 'NOT met'})")
+    return lines
+
+
+def _progress(message: str) -> None:
+    print(message, flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, required=True, help="Model bundle directory (models/NAME).")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="PyTorch checkpoint for torch-eager (default: the bundle's source run, best-auroc).")
+    parser.add_argument("--servers", nargs="+", default=["service-int8", "service-fp32", "service-int8-batch1",
+                                                         "onnx-threadpool-int8", "torch-eager", "litserve-int8"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
+    parser.add_argument("--seconds", type=float, default=24.0, help="Duration of each cell (all rounds together).")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds each cell is split into.")
+    parser.add_argument("--max-requests", type=int, default=100_000, help="Most requests per cell.")
+    parser.add_argument("--warmup-seconds", type=float, default=5.0, help="Unmeasured load before a server's cells.")
+    parser.add_argument("--threads", type=int, default=2, help="Intra-op threads of every server's model runtime.")
+    parser.add_argument("--log-dir", type=Path, help="Where server logs go (default: a temporary directory).")
+    args = parser.parse_args()
+    if args.checkpoint is None:
+        args.checkpoint = Path(read_manifest(args.bundle).source_run) / "checkpoints" / "best-auroc"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    specs = server_specs(args.bundle, args.checkpoint, args.threads)
+    unknown = sorted(set(args.servers) - set(specs))
+    if unknown:
+        raise SystemExit(f"unknown server(s) {unknown}; choose from {sorted(specs)}")
+    notes = load_ktas().texts
+    bodies = [json_body(str(position), text) for position, text in enumerate(notes)]
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="serve_load-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    _progress(f"{len(notes)} KTAS notes; bundle {args.bundle}; {os.cpu_count()} CPUs; {args.seconds:g} s per cell; "
+              f"threads {args.threads}; server logs in {log_dir}")
+    ceiling = model_ceiling(args.bundle, args.threads, notes, CEILING_SECONDS)
+    _progress("model alone (int8, in-process, no HTTP): " + ", ".join(
+        f"batch {size}: {rate:.1f} notes/s" for size, rate in ceiling.items())
+        + f"; batching gain ceiling {ceiling[max(ceiling)] / ceiling[min(ceiling)]:.2f}x")
+    cells = measure_all([specs[name] for name in args.servers], bodies, notes[0], args, log_dir)
+    print()
+    print(markdown_table(cells))
+    print()
+    print("\n".join(ratio_lines(cells)))
+
+
+if __name__ == "__main__":
+    main()
