@@ -52,7 +52,8 @@ class HttpClient:
     """`async with HttpClient(url, max_connections) as client: status, body = await client.post_json(body)`.
 
     At most `max_connections` requests are in flight; more wait for a free connection. A connection
-    that failed, timed out or was closed by the server is dropped and replaced on demand.
+    that failed, timed out or was closed by the server is dropped and replaced on demand. A request
+    sent just as the server closes an idle connection fails (IncompleteReadError); it is not retried.
     """
 
     def __init__(self, url: str, max_connections: int, timeout_s: float) -> None:
@@ -77,7 +78,7 @@ class HttpClient:
     async def post_json(self, body: bytes) -> tuple[int, bytes]:
         """Status and body of the answer; raises one of TRANSPORT_ERRORS when there is none."""
         async with self._slots:
-            connection = self._idle.pop() if self._idle else _Connection(*await asyncio.open_connection(*self._address))
+            connection = self._take_idle() or _Connection(*await asyncio.open_connection(*self._address))
             head = self._head_start + f"Content-Length: {len(body)}\r\n\r\n".encode()
             try:
                 status, content, keep_alive = await asyncio.wait_for(connection.post(head, body), self._timeout_s)
@@ -89,3 +90,13 @@ class HttpClient:
             else:
                 connection.close()
             return status, content
+
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used idle connection the server has not closed (servers close keep-alive
+        connections idle past their timeout: 5 s for uvicorn)."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.reader.at_eof():
+                return connection
+            connection.close()
+        return None

@@ -6,9 +6,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${1:-runs}
 TEACHER=${TEACHER:-models/pretrained/minilm-l6-icd10cm}
-COMMON=(--student e5-small --data ktas --epochs 3 --patience 2 --batch-size 16 --encoder-lr 5e-5 --head-lr 1e-3
+COMMON=(--student e5-small --data ktas --epochs "${EPOCHS:-2}" --patience 2 --batch-size 16 --encoder-lr 5e-5 --head-lr 1e-3
         --freeze-embeddings --max-length 128 --seed 42)
-for method in base mlkd ensemble; do
+for method in ${METHODS:-base mlkd ensemble}; do
   split=()
   [ "$method" = base ] || split=(--split-file "$RUNS/e5-base/split.json")
   teacher=()
