@@ -3,14 +3,15 @@
 Run from the repository root:
 
     python -m benchmarks.serve_load --bundle models/NAME [--seconds 25] [--concurrency 1 8 32 64]
-        [--servers service-int8 service-fp32 ...] [--checkpoint runs/NAME/checkpoints/best-auroc]
+        [--variant int8] [--servers service-int8 service-fp32 ...] [--checkpoint runs/NAME/checkpoints/best-auroc]
 
-Servers (subprocesses started here, warmed up, measured, then stopped; all pinned to --threads):
-  service-int8, service-fp32   this service (`python -m app serve`), default settings (dynamic batching)
-  service-int8-batch1          this service with --max-batch-size 1: same code path, no batching
-  onnx-threadpool-int8         minimal FastAPI endpoint, one session.run per request (benchmarks/peers)
-  torch-eager                  hand-written FastAPI + PyTorch eager server of the run's checkpoint
-  litserve-int8                LitServe with dynamic batching serving the same ONNX bundle
+Servers (subprocesses started here, warmed up, measured, then stopped; all pinned to --threads), with
+V the ONNX variant given by --variant (int8 by default; fp32 for a bundle without int8):
+  service-V, service-fp32   this service (`python -m app serve`), default settings (dynamic batching)
+  service-V-batch1          this service with --max-batch-size 1: same code path, no batching
+  onnx-threadpool-V         minimal FastAPI endpoint, one session.run per request (benchmarks/peers)
+  torch-eager               hand-written FastAPI + PyTorch eager server of the run's checkpoint
+  litserve-V                LitServe with dynamic batching serving the same ONNX bundle
 
 Each cell runs `concurrency` clients, each sending one KTAS note per request and the next as soon as
 the answer arrives, for --seconds (at most --max-requests requests per slice). Every server runs for
@@ -23,7 +24,7 @@ processes over the cell (ONNX Runtime's spin-waiting threads count too) per answ
 sensitive than throughput to other work on the machine. The client shares the machine's cores with
 the server; its CPU share is printed per cell.
 
-First, the int8 model alone (in this process, no HTTP) is timed at batch 1 and 32: its ratio is the
+First, the model alone (variant V, in this process, no HTTP) is timed at batch 1 and 32: its ratio is the
 most that batching can gain on this machine. On a shared machine figures are indicative.
 """
 
@@ -55,9 +56,6 @@ from training.data.ktas import load_ktas
 CONCURRENCIES = (1, 8, 32, 64)
 RATIO_CONCURRENCY = 32
 GOAL_BATCHING_GAIN, GOAL_PEER_GAIN = 4.0, 1.2
-SERVICE = "service-int8"
-NO_BATCHING = ("service-int8-batch1", "onnx-threadpool-int8")
-PEERS = ("torch-eager", "litserve-int8")  # what a user would otherwise run: by hand, or a serving framework
 WARM_UP_CONCURRENCY = 8
 CEILING_BATCH_SIZES = (1, 32)
 CEILING_SECONDS = 5.0
@@ -106,25 +104,47 @@ def merge(slices: list[Cell]) -> Cell:
                 sum(c.batch_notes for c in slices), sum(c.batch_runs for c in slices))
 
 
-def server_specs(bundle: Path, checkpoint: Path, threads: int) -> dict[str, ServerSpec]:
-    onnx_peer = ["--bundle", str(bundle), "--variant", "int8", "--threads", str(threads)]
+@dataclass(frozen=True)
+class Roles:
+    """Which servers the ratios compare, for ONNX variant `variant`."""
+
+    variant: str
+
+    @property
+    def service(self) -> str:
+        return f"service-{self.variant}"
+
+    @property
+    def no_batching(self) -> tuple[str, ...]:
+        return f"service-{self.variant}-batch1", f"onnx-threadpool-{self.variant}"
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """What a user would otherwise run: a server written by hand, or a serving framework."""
+        return "torch-eager", f"litserve-{self.variant}"
+
+
+def server_specs(bundle: Path, variant: str, checkpoint: Path, threads: int) -> dict[str, ServerSpec]:
+    onnx_peer = ["--bundle", str(bundle), "--variant", variant, "--threads", str(threads)]
+    max_tokens = read_manifest(bundle).max_input_tokens
     specs = [
-        ServerSpec("service-int8", service_argv(bundle, "int8", threads), threads, SERVICE_METRICS_PATH),
+        ServerSpec(f"service-{variant}", service_argv(bundle, variant, threads), threads, SERVICE_METRICS_PATH),
         ServerSpec("service-fp32", service_argv(bundle, "fp32", threads), threads, SERVICE_METRICS_PATH),
-        ServerSpec("service-int8-batch1", [*service_argv(bundle, "int8", threads), "--max-batch-size", "1"], threads,
-                   SERVICE_METRICS_PATH),
-        ServerSpec("onnx-threadpool-int8", [PYTHON, "-m", "benchmarks.peers.onnx_threadpool", *onnx_peer], threads),
+        ServerSpec(f"service-{variant}-batch1", [*service_argv(bundle, variant, threads), "--max-batch-size", "1"],
+                   threads, SERVICE_METRICS_PATH),
+        ServerSpec(f"onnx-threadpool-{variant}", [PYTHON, "-m", "benchmarks.peers.onnx_threadpool", *onnx_peer],
+                   threads),
         ServerSpec("torch-eager", [PYTHON, "-m", "benchmarks.peers.torch_eager", "--checkpoint", str(checkpoint),
-                                   "--threads", str(threads)], threads),
-        ServerSpec("litserve-int8", [PYTHON, "-m", "benchmarks.peers.litserve_onnx", *onnx_peer], threads),
+                                   "--max-tokens", str(max_tokens), "--threads", str(threads)], threads),
+        ServerSpec(f"litserve-{variant}", [PYTHON, "-m", "benchmarks.peers.litserve_onnx", *onnx_peer], threads),
     ]
-    return {spec.name: spec for spec in specs}
+    return {spec.name: spec for spec in specs}  # with variant fp32, service-fp32 appears once
 
 
-def model_ceiling(bundle: Path, threads: int, notes: list[str], seconds: float) -> dict[int, float]:
-    """Notes/s of the service's model run alone (int8, in this process, no HTTP) per batch size: the
-    most that batching can gain on this machine."""
-    classifier = NoteClassifier(load_bundle(bundle, "int8", threads), read_manifest(bundle).max_input_tokens)
+def model_ceiling(bundle: Path, variant: str, threads: int, notes: list[str], seconds: float) -> dict[int, float]:
+    """Notes/s of the service's model run alone (in this process, no HTTP) per batch size: the most
+    that batching can gain on this machine."""
+    classifier = NoteClassifier(load_bundle(bundle, variant, threads), read_manifest(bundle).max_input_tokens)
     token_ids = [note.ids for note in classifier.encode(notes)]
     rates = {}
     for size in CEILING_BATCH_SIZES:
@@ -224,25 +244,25 @@ def markdown_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def ratio_lines(cells: list[Cell]) -> list[str]:
+def ratio_lines(cells: list[Cell], roles: Roles) -> list[str]:
     """This service against no batching and against the best peer, at RATIO_CONCURRENCY."""
     at = {cell.server: cell for cell in cells if cell.concurrency == RATIO_CONCURRENCY}
-    service = at.get(SERVICE)
+    service = at.get(roles.service)
     if service is None:
-        return [f"(no ratios: {SERVICE} was not measured at concurrency {RATIO_CONCURRENCY})"]
+        return [f"(no ratios: {roles.service} was not measured at concurrency {RATIO_CONCURRENCY})"]
     lines = []
-    for name in NO_BATCHING:
+    for name in roles.no_batching:
         if name in at:
             gain = service.notes_per_s / at[name].notes_per_s
-            lines.append(f"- {SERVICE} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s "
+            lines.append(f"- {roles.service} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s "
                          f"(goal >= {GOAL_BATCHING_GAIN:g}x: {'met' if gain >= GOAL_BATCHING_GAIN else 'NOT met'})")
-    peers = [at[name] for name in PEERS if name in at]
+    peers = [at[name] for name in roles.peers if name in at]
     if peers:
         best = max(peers, key=lambda cell: cell.notes_per_s)
         gain = service.notes_per_s / best.notes_per_s
         p99_ok = service.latency_ms(99) <= best.latency_ms(99)
         met = gain >= GOAL_PEER_GAIN and p99_ok
-        lines.append(f"- {SERVICE} / best peer ({best.server}) at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s, "
+        lines.append(f"- {roles.service} / best peer ({best.server}) at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s, "
                      f"p99 {service.latency_ms(99):.1f} ms vs {best.latency_ms(99):.1f} ms "
                      f"(goal >= {GOAL_PEER_GAIN:g}x at equal or better p99: {'met' if met else 'NOT met'})")
     return lines
@@ -257,8 +277,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bundle", type=Path, required=True, help="Model bundle directory (models/NAME).")
     parser.add_argument("--checkpoint", type=Path,
                         help="PyTorch checkpoint for torch-eager (default: the bundle's source run, best-auroc).")
-    parser.add_argument("--servers", nargs="+", default=["service-int8", "service-fp32", "service-int8-batch1",
-                                                         "onnx-threadpool-int8", "torch-eager", "litserve-int8"])
+    parser.add_argument("--variant", default="int8", choices=["int8", "fp32"],
+                        help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8).")
+    parser.add_argument("--servers", nargs="+", help="Servers to measure (default: all, see above).")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     parser.add_argument("--seconds", type=float, default=24.0, help="Duration of each cell (all rounds together).")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds each cell is split into.")
@@ -274,7 +295,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    specs = server_specs(args.bundle, args.checkpoint, args.threads)
+    specs = server_specs(args.bundle, args.variant, args.checkpoint, args.threads)
+    args.servers = args.servers or list(specs)
     unknown = sorted(set(args.servers) - set(specs))
     if unknown:
         raise SystemExit(f"unknown server(s) {unknown}; choose from {sorted(specs)}")
@@ -284,15 +306,15 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     _progress(f"{len(notes)} KTAS notes; bundle {args.bundle}; {os.cpu_count()} CPUs; {args.seconds:g} s per cell; "
               f"threads {args.threads}; server logs in {log_dir}")
-    ceiling = model_ceiling(args.bundle, args.threads, notes, CEILING_SECONDS)
-    _progress("model alone (int8, in-process, no HTTP): " + ", ".join(
+    ceiling = model_ceiling(args.bundle, args.variant, args.threads, notes, CEILING_SECONDS)
+    _progress(f"model alone ({args.variant}, in-process, no HTTP): " + ", ".join(
         f"batch {size}: {rate:.1f} notes/s" for size, rate in ceiling.items())
         + f"; batching gain ceiling {ceiling[max(ceiling)] / ceiling[min(ceiling)]:.2f}x")
     cells = measure_all([specs[name] for name in args.servers], bodies, notes[0], args, log_dir)
     print()
     print(markdown_table(cells))
     print()
-    print("\n".join(ratio_lines(cells)))
+    print("\n".join(ratio_lines(cells, Roles(args.variant))))
 
 
 if __name__ == "__main__":
