@@ -9,6 +9,7 @@ here (rising with the number of connections), this client a small fraction of th
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 from urllib.parse import urlsplit
 
 ALLOWED_HOST = "127.0.0.1"
@@ -67,7 +68,7 @@ class HttpClient:
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
 
-    async def __aenter__(self) -> HttpClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

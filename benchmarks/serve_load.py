@@ -49,8 +49,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.bundle import load_bundle, read_manifest
 from app.inference import NoteClassifier
 from benchmarks.http_client import TRANSPORT_ERRORS, HttpClient
-from benchmarks.servers import (PYTHON, SERVICE_METRICS_PATH, RunningServer, ServerSpec, group_cpu_seconds, json_body,
-                               resumed, running_server, service_argv)
+from benchmarks.servers import (
+    PYTHON,
+    SERVICE_METRICS_PATH,
+    RunningServer,
+    ServerSpec,
+    group_cpu_seconds,
+    json_body,
+    resumed,
+    running_server,
+    service_argv,
+)
 from training.data.ktas import load_ktas
 
 CONCURRENCIES = (1, 8, 32, 64)
@@ -231,9 +240,9 @@ def measure_all(specs: list[ServerSpec], bodies: list[bytes], probe_text: str, a
 
 
 def markdown_table(cells: list[Cell]) -> str:
-    lines = ["| server | concurrency | req/s | notes/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
-             "| server CPU ms/note | client CPU |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    header = ("| server | concurrency | req/s | notes/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+              "| server CPU ms/note | client CPU |")
+    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in cells:
         errors = sum(cell.errors.values())
         error_text = f"{errors} ({', '.join(f'{kind}: {n}' for kind, n in cell.errors.items())})" if errors else "0"

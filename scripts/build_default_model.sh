@@ -21,6 +21,6 @@ rm -rf "$partial"
 
 python -m training prepare-models "$student"
 python -m training fit --student "$student" --data ktas --epochs "$epochs" --out "$work/run"
-python -m training export --run "$work/run" --out "$partial"
+python -m training export --run "$work/run" --out "$partial" --name "$(basename "$out")"
 mv "$partial" "$out"
 echo "default bundle written to $out"
