@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from app.settings import Settings
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.export import export_bundle
 from training.fit import fit
@@ -26,3 +27,18 @@ def tiny_bundle_dir(tmp_path_factory, notes, tiny_bert_dir) -> Path:
               TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
               DistillArguments(), EvalArguments(bootstrap=20))
     return export_bundle(run, root / "bundle", tolerance=1.0)
+
+
+@pytest.fixture
+def anyio_backend():
+    """The async tests run on asyncio (anyio's pytest plugin)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def settings(tiny_bundle_dir):
+    """Settings for the tiny bundle, with overrides."""
+
+    def make(**overrides) -> Settings:
+        return Settings(bundle=tiny_bundle_dir, **overrides)
+    return make

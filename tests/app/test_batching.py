@@ -9,11 +9,6 @@ from app.batching import BatchStats, DynamicBatcher, InferenceFailed, QueueFull,
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 def note(value: int, length: int = 4) -> np.ndarray:
     """Token ids whose first id tells the fake model what to answer."""
     return np.full(length, value, dtype=np.int64)

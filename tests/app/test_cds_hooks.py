@@ -29,11 +29,6 @@ NOTES = ["3세 남아 보호자 동반 CC: seizure. BT 39.1, HR 150", "CC: medic
 SERVICE_PATH = f"/cds-services/{SERVICE_ID}"
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def bundle_with_threshold(tiny_bundle_dir, tmp_path_factory):
     """A copy of the tiny bundle whose manifest has the given decision threshold."""

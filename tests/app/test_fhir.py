@@ -27,18 +27,6 @@ NOTES = ["3세 남아 보호자 동반 CC: seizure. BT 39.1, HR 150", "CC: medic
 FHIR_HEADERS = {"Content-Type": FHIR_JSON}
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def settings(tiny_bundle_dir):
-    def make(**overrides) -> Settings:
-        return Settings(bundle=tiny_bundle_dir, **overrides)
-    return make
-
-
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle_dir):
     return load_bundle(tiny_bundle_dir)

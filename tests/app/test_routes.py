@@ -23,18 +23,6 @@ pytestmark = pytest.mark.anyio
 NOTES = ["3세 남아 보호자 동반 CC: seizure. BT 39.1, HR 150", "CC: medication refill. BT 36.5", "CC: chest pain"]
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture
-def settings(tiny_bundle_dir):
-    def make(**overrides) -> Settings:
-        return Settings(bundle=tiny_bundle_dir, **overrides)
-    return make
-
-
 @asynccontextmanager
 async def serve(settings: Settings, lifespan: bool = True) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
