@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from app.bundle import load_bundle, sha256_file
@@ -38,9 +39,13 @@ def bundle(tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def held_out(tiny_run):
+def parts(tiny_run):
     config = json.loads((tiny_run / "run_config.json").read_text())
-    parts = load_parts(DataArguments(**{**config["data"], "split_file": str(tiny_run / "split.json")}))
+    return load_parts(DataArguments(**{**config["data"], "split_file": str(tiny_run / "split.json")}))
+
+
+@pytest.fixture(scope="module")
+def held_out(parts):
     return [*parts["valid"].texts, *parts["test"].texts]
 
 
@@ -52,14 +57,19 @@ def test_bundle_predicts_like_pytorch(bundle, tiny_run, held_out):
     np.testing.assert_allclose(loaded.predict_proba(held_out), expected, atol=1e-4)
 
 
-def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle):
+def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle, tiny_run, parts):
+    checkpoint = checkpoint_dir(tiny_run, "auroc")
+    torch_probs, _ = predict_proba(load_student(str(checkpoint)), load_tokenizer(str(checkpoint)),
+                                   parts["valid"].texts, max_length=MAX_TOKENS)
+    torch_auroc = roc_auc_score(parts["valid"].labels, torch_probs)
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     assert set(manifest.variants) == {"fp32", "int8", "fp16"}
     assert manifest.variants["fp32"].kept and manifest.variants["fp32"].max_abs_diff <= 1e-4
     for name, variant in manifest.variants.items():
         assert 0 <= variant.label_agreement <= 1 and variant.max_abs_diff >= 0
-        assert variant.auroc_drop == pytest.approx(manifest.variants["fp32"].valid_auroc - variant.valid_auroc,
-                                                   abs=1e-4)
+        # The drop is measured against PyTorch, not fp32: on a tiny model with near-tied scores even fp32's
+        # 1e-6 differences can reorder notes and move its AUROC a little.
+        assert variant.auroc_drop == pytest.approx(torch_auroc - variant.valid_auroc, abs=1e-6)
         assert (bundle / variant.file).exists() == variant.kept
         if name != "fp32":
             assert variant.kept == (variant.auroc_drop <= 0.005)
