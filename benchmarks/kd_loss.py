@@ -177,7 +177,7 @@ def loss_section(shape: LossShape, repeats: int, loop_repeats: int, original_loo
 # --- Section 2: a training step ---------------------------------------------------------------
 
 
-def step_section(student: str, teacher: str, batch_size: int, repeats: int) -> None:
+def step_section(student: str, teacher: str, batch_size: int, repeats: int, freeze_embeddings: bool) -> None:
     from training.config import DistillArguments, ModelArguments
     from training.data.ktas import load_ktas
     from training.distill.objective import build_distill_objective
@@ -192,6 +192,7 @@ def step_section(student: str, teacher: str, batch_size: int, repeats: int) -> N
     def timed(objective, attn_implementation: str) -> float:
         torch.manual_seed(0)
         model = load_student(student, attn_implementation=attn_implementation)
+        model.get_input_embeddings().weight.requires_grad_(not freeze_embeddings)
         model.train()
         params = parameter_groups(model, 3e-5, 1e-3, 0.01)
         params += [{"params": [p for m in objective.extra_modules() for p in m.parameters()], "lr": 1e-3}]
@@ -209,7 +210,8 @@ def step_section(student: str, teacher: str, batch_size: int, repeats: int) -> N
         return median_seconds(run, repeats)
 
     base = timed(CrossEntropyObjective(tokenizer, model_args.max_length), "sdpa")
-    times = {"base (sdpa attention)": base}
+    times = {"base (sdpa attention)": base,
+             "base (eager attention)": timed(CrossEntropyObjective(tokenizer, model_args.max_length), "eager")}
     for cache in (False, True):
         probe = load_student(student, attn_implementation="eager")
         objective = build_distill_objective("mlkd", probe, tokenizer, model_args, DistillArguments(teacher_cache=cache),
@@ -217,7 +219,8 @@ def step_section(student: str, teacher: str, batch_size: int, repeats: int) -> N
         times[f"mlkd, teacher {'cache' if cache else 'live'}"] = timed(objective, "eager")
 
     print("\n== 2. training step: forward + backward + AdamW ==")
-    print(f"student {student}, teacher {teacher}, batch {batch_size} real KTAS notes, {repeats} timed steps each")
+    print(f"student {student}, teacher {teacher}, batch {batch_size} real KTAS notes, {repeats} timed steps each, "
+          f"word embedding {'frozen' if freeze_embeddings else 'trained'}")
     print(f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name, seconds in times.items():
         print(f"{name:28s} median {seconds * 1000:8.0f} ms   {seconds / base:5.2f}x base")
@@ -237,13 +240,15 @@ def main() -> None:
     parser.add_argument("--teacher", default="minilm-l6", help="teacher of the step section")
     parser.add_argument("--step-batch", type=int, default=16, help="notes per step in the step section")
     parser.add_argument("--step-repeats", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--train-embeddings", action="store_true",
+                        help="also train the word embedding (the e5 recipe freezes it: --freeze-embeddings)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")
     if "loss" in sections:
         loss_section(LossShape(), args.repeats, args.loop_repeats, args.original_loop_notes)
     if "step" in sections:
-        step_section(args.student, args.teacher, args.step_batch, args.step_repeats)
+        step_section(args.student, args.teacher, args.step_batch, args.step_repeats, not args.train_embeddings)
 
 
 if __name__ == "__main__":
