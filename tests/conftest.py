@@ -39,21 +39,33 @@ def synthetic_notes(n: int = 200, seed: int = 0) -> list[tuple[str, int]]:
 
 
 def _train_wordpiece(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT-style WordPiece tokenizer whose vocabulary is a pure function of `texts`: specials, every
+    character (alone and as a `##` continuation), then the most frequent words (those of 8 or more
+    characters as two pieces), ties broken alphabetically.
+    (The `tokenizers` WordPiece trainer breaks ties in hash order, so its vocabulary changes between
+    processes, and with it every fixture model.)"""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    vocab = [*specials, *chars, *(f"##{c}" for c in chars)]
+    for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
+        # Long words become two pieces, so that the fixtures have multi-piece words as real vocabularies do.
+        for piece in ([word[:4], f"##{word[4:]}"] if len(word) >= 8 else [word]):
+            if piece not in vocab and len(vocab) < vocab_size:
+                vocab.append(piece)
+
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    from tokenizers import decoders
-
-    tok.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
         sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,

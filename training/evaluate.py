@@ -259,6 +259,25 @@ def _resampled_at_threshold(labels: np.ndarray, probabilities: np.ndarray, thres
     }
 
 
+def resample_indices(y_true, n_resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """Row indices `[n_resamples, n]` of seeded bootstrap resamples of `y_true`, each holding both classes:
+    draw them once to score several models on the same resamples (paired comparisons)."""
+    labels = _as_labels(y_true)
+    _require_both_classes(labels)
+    _check_bootstrap_options(n_resamples, 0.95)
+    return _resample_indices(labels, n_resamples, np.random.default_rng(seed))[0]
+
+
+def resampled_metrics(y_true, prob, threshold: float, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric of `compute_metrics` (but n and prevalence) on each resample of `indices`: arrays of
+    length `n_resamples`."""
+    labels, probabilities = checked_inputs(y_true, prob)
+    threshold = _check_threshold(threshold)
+    resampled_labels, resampled_probabilities = labels[indices].T, probabilities[indices].T
+    return {**_resampled_threshold_free(resampled_labels, resampled_probabilities),
+            **_resampled_at_threshold(resampled_labels, resampled_probabilities, threshold)}
+
+
 def _interval(point: float, resampled: np.ndarray, level: float) -> dict[str, float]:
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(resampled, [tail, 100 - tail])

@@ -7,6 +7,7 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from training.checkpoints import checkpoint_dir
@@ -20,6 +21,7 @@ from training.predict import predict_proba
 
 log = logging.getLogger(__name__)
 THRESHOLD_POLICIES = ("prevalence", "fixed-0.5", "target-sensitivity")
+PREDICTIONS_FILE = "predictions.csv"
 
 
 def load_run_config(run_dir: Path) -> dict:
@@ -34,7 +36,8 @@ def evaluate_run(run_dir: Path, eval_args: EvalArguments, parts: dict[str, Examp
                  external: DataArguments | None = None) -> dict:
     """Thresholds come from the run's own train/valid data; the test set is the run's test split, or every
     row of `external`. Writes `<run>/eval/` (or `eval-external/`) and, for the run's own test split, records
-    the decision threshold in the checkpoint. Returns the report."""
+    the decision threshold in the checkpoint, and `predictions.csv` (row id, label, P(emergency); no text).
+    Returns the report."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     if parts is None:
@@ -58,7 +61,11 @@ def evaluate_run(run_dir: Path, eval_args: EvalArguments, parts: dict[str, Examp
     report["checkpoint"] = {"metric": metric, "path": str(checkpoint.relative_to(run_dir.resolve()))}
     title = f"{config['training']['method']} - {Path(config['model']['student']).name} - "
     title += f"external: {Path(test.source).name}" if external else "test split"
-    write_report(report, test.labels, test_prob, run_dir / ("eval-external" if external else "eval"), title)
+    out = run_dir / ("eval-external" if external else "eval")
+    write_report(report, test.labels, test_prob, out, title)
+    # Row ids, not text: lets runs be compared paired on the same notes (see experiments/).
+    pd.DataFrame({"row_id": test.row_ids, "label": test.labels, "p_emergency": test_prob}).to_csv(
+        out / PREDICTIONS_FILE, index=False)
     if external:
         return report
 

@@ -7,13 +7,13 @@ from training.evaluate import (
     THRESHOLD_FREE_METRICS,
     THRESHOLD_METRICS,
     _resample_indices,
-    _resampled_at_threshold,
-    _resampled_threshold_free,
     bootstrap_ci,
     choose_threshold,
     compute_metrics,
     evaluate,
     expected_calibration_error,
+    resample_indices,
+    resampled_metrics,
 )
 
 # Six notes, no probability on a bin edge. Sorted by probability:
@@ -173,12 +173,10 @@ def test_wider_level_gives_wider_intervals(scored):
 
 def test_resampled_metrics_equal_metrics_of_each_resample(scored):
     labels, probs = scored
-    indices, _ = _resample_indices(labels, 5, np.random.default_rng(0))
-    columns_labels, columns_probs = labels[indices].T, probs[indices].T
-    resampled = {
-        **_resampled_threshold_free(columns_labels, columns_probs),
-        **_resampled_at_threshold(columns_labels, columns_probs, 0.5),
-    }
+    indices = resample_indices(labels, 5, seed=0)
+    assert (indices == resample_indices(labels, 5, seed=0)).all()
+    resampled = resampled_metrics(labels, probs, 0.5, indices)
+    assert set(resampled) == set(THRESHOLD_FREE_METRICS + THRESHOLD_METRICS)
     for c, rows in enumerate(indices):
         expected = compute_metrics(labels[rows], probs[rows], 0.5)
         for name, values in resampled.items():

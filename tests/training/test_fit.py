@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
 from training.checkpoints import CheckpointKeeper, checkpoint_dir
@@ -47,6 +48,11 @@ def test_base_run_learns_and_writes_everything(base_run):
     assert {"auroc", "brier", "loss", "f1"} <= set(history[0]["valid"])
     for metric in ("auroc", "brier", "loss", "f1"):
         assert (checkpoint_dir(base_run, metric) / "model.safetensors").exists()
+    predictions = pd.read_csv(base_run / "eval" / "predictions.csv")
+    assert list(predictions.columns) == ["row_id", "label", "p_emergency"]  # no text
+    assert len(predictions) == report["counts"]["n"] and predictions["p_emergency"].between(0, 1).all()
+    assert roc_auc_score(predictions["label"], predictions["p_emergency"]) == pytest.approx(
+        report["threshold_free"]["auroc"]["value"])
     decision = json.loads((checkpoint_dir(base_run, "auroc") / "checkpoint.json").read_text())["decision"]
     assert decision["policy"] == "prevalence"
     assert decision["threshold"] == pytest.approx(0.5, abs=0.02)  # synthetic notes are half emergencies
