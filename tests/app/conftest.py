@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 
+from app.main import create_app
 from app.settings import Settings
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.export import export_bundle
@@ -42,3 +46,21 @@ def settings(tiny_bundle_dir):
     def make(**overrides) -> Settings:
         return Settings(bundle=tiny_bundle_dir, **overrides)
     return make
+
+
+@asynccontextmanager
+async def _serve(settings: Settings, lifespan: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        if lifespan:
+            async with app.router.lifespan_context(app):
+                yield client
+        else:
+            yield client
+
+
+@pytest.fixture
+def serve():
+    """`async with serve(settings) as client`: the real app over HTTP, with its lifespan (bundle loaded, batcher
+    running) unless `lifespan=False`."""
+    return _serve

@@ -10,8 +10,6 @@ import json
 import logging
 import shutil
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -40,14 +38,6 @@ def bundle_with_threshold(tiny_bundle_dir, tmp_path_factory):
         (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
         return copy
     return make
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    async with client, app.router.lifespan_context(app):
-        yield client
 
 
 def hook_request(prefetch: dict | None = None, **context) -> dict:
@@ -80,7 +70,7 @@ async def test_discovery_lists_the_triage_note_service():
     assert service["prefetch"][PREFETCH_KEY].startswith("DocumentReference?patient={{context.patientId}}&")
 
 
-async def test_a_note_at_or_above_the_threshold_gets_a_critical_card(bundle_with_threshold):
+async def test_a_note_at_or_above_the_threshold_gets_a_critical_card(serve, bundle_with_threshold):
     path = bundle_with_threshold(0.0)
     bundle = load_bundle(path)
     async with serve(Settings(bundle=path)) as client:
@@ -97,7 +87,7 @@ async def test_a_note_at_or_above_the_threshold_gets_a_critical_card(bundle_with
     assert card["source"] == {"label": f"ED triage classifier ({bundle.manifest.name} {bundle.manifest.version})"}
 
 
-async def test_a_note_below_the_threshold_gets_an_info_card(bundle_with_threshold):
+async def test_a_note_below_the_threshold_gets_an_info_card(serve, bundle_with_threshold):
     async with serve(Settings(bundle=bundle_with_threshold(1.0))) as client:
         in_context = await client.post(SERVICE_PATH, json=hook_request(**{CONTEXT_NOTE_KEY: NOTES[1]}))
         prefetched = await client.post(SERVICE_PATH, json=hook_request(
@@ -109,7 +99,7 @@ async def test_a_note_below_the_threshold_gets_an_info_card(bundle_with_threshol
     assert "DocumentReference/doc-2" in prefetched.json()["cards"][1]["detail"]
 
 
-async def test_no_triage_note_means_no_cards_and_a_missing_prefetch_means_412(tiny_bundle_dir):
+async def test_no_triage_note_means_no_cards_and_a_missing_prefetch_means_412(serve, tiny_bundle_dir):
     async with serve(Settings(bundle=tiny_bundle_dir)) as client:
         null_prefetch = await client.post(SERVICE_PATH, json=hook_request({PREFETCH_KEY: None}))
         empty_search = await client.post(SERVICE_PATH, json=hook_request({PREFETCH_KEY: searchset()}))
@@ -130,14 +120,14 @@ MARKER = "ZQX-CDS-3307"
     (hook_request({PREFETCH_KEY: {"resourceType": "Observation", "valueString": MARKER}}), 422),
     (hook_request({PREFETCH_KEY: triage_note(MARKER) | {"status": None, "priority": MARKER}}), 400),
 ])
-async def test_malformed_requests_are_refused_without_the_note(tiny_bundle_dir, request_body, status):
+async def test_malformed_requests_are_refused_without_the_note(serve, tiny_bundle_dir, request_body, status):
     async with serve(Settings(bundle=tiny_bundle_dir)) as client:
         response = await client.post(SERVICE_PATH, json=request_body)
     assert response.status_code == status
     assert MARKER not in response.text
 
 
-async def test_the_service_needs_the_api_key_but_discovery_does_not(tiny_bundle_dir):
+async def test_the_service_needs_the_api_key_but_discovery_does_not(serve, tiny_bundle_dir):
     async with serve(Settings(bundle=tiny_bundle_dir, api_keys=["k1"])) as client:
         assert (await client.get("/cds-services")).status_code == 200
         body = hook_request(**{CONTEXT_NOTE_KEY: NOTES[0]})
@@ -146,7 +136,7 @@ async def test_the_service_needs_the_api_key_but_discovery_does_not(tiny_bundle_
         assert authorized.status_code == 200
 
 
-async def test_note_text_and_patient_ids_never_reach_the_logs(tiny_bundle_dir, caplog, capsys):
+async def test_note_text_and_patient_ids_never_reach_the_logs(serve, tiny_bundle_dir, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     async with serve(Settings(bundle=tiny_bundle_dir, max_note_tokens=16)) as client:
         ok = await client.post(SERVICE_PATH, json=hook_request(

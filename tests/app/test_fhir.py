@@ -5,8 +5,6 @@ All notes are SYNTHETIC."""
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -18,8 +16,6 @@ from app.bundle import load_bundle
 from app.fhir import CLASSIFY_PATH, FHIR_JSON, MODEL_SYSTEM, OUTCOME_SYSTEM
 from app.inference import NoteClassifier
 from app.logs import JsonFormatter
-from app.main import create_app
-from app.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -30,14 +26,6 @@ FHIR_HEADERS = {"Content-Type": FHIR_JSON}
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle_dir):
     return load_bundle(tiny_bundle_dir)
-
-
-@asynccontextmanager
-async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-    async with client, app.router.lifespan_context(app):
-        yield client
 
 
 def attachment(text: str, content_type: str = "text/plain; charset=utf-8", encoding: str = "utf-8") -> dict:
@@ -67,7 +55,7 @@ def outcome_of(response: httpx.Response) -> OperationOutcome:
     return outcome
 
 
-async def test_a_document_reference_gets_a_valid_risk_assessment(settings, bundle):
+async def test_a_document_reference_gets_a_valid_risk_assessment(serve, settings, bundle):
     async with serve(settings()) as client:
         response = await post_fhir(client, document(NOTES[0]))
     assert response.status_code == 200 and response.headers["content-type"] == FHIR_JSON
@@ -88,7 +76,7 @@ async def test_a_document_reference_gets_a_valid_risk_assessment(settings, bundl
     assert assessment.occurrenceDateTime.tzinfo is not None
 
 
-async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(settings, bundle):
+async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(serve, settings, bundle):
     entries = [{"resource": document(text, document_id=f"doc-{position}")} for position, text in enumerate(NOTES)]
     async with serve(settings()) as client:
         response = await post_fhir(client, {"resourceType": "Bundle", "type": "batch", "entry": entries},
@@ -104,7 +92,7 @@ async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(sett
         bundle.predict_proba(NOTES).tolist(), abs=1e-5)
 
 
-async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(settings):
+async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(serve, settings):
     with_identifier = document(NOTES[1], document_id=None) | {"identifier": [{"system": "urn:ed", "value": "n7"}]}
     entries = [{"fullUrl": "urn:uuid:5b0c6f56-86c5-4d5c-9f87-1c3a3c1c1c1c", "resource": document(NOTES[0], None)},
                {"resource": with_identifier}]
@@ -115,7 +103,7 @@ async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(setting
     assert by_identifier.type == "DocumentReference" and by_identifier.identifier.value == "n7"
 
 
-async def test_base64_data_is_decoded_in_the_declared_charset(settings, bundle):
+async def test_base64_data_is_decoded_in_the_declared_charset(serve, settings, bundle):
     expected = float(bundle.predict_proba([NOTES[0]])[0])
     async with serve(settings()) as client:
         euc_kr = await post_fhir(client, document(NOTES[0], content_type="text/plain; charset=EUC-KR",
@@ -132,7 +120,7 @@ async def test_base64_data_is_decoded_in_the_declared_charset(settings, bundle):
     assert unknown.status_code == 422 and "unknown charset" in outcome_of(unknown).issue[0].diagnostics
 
 
-async def test_a_communication_is_classified_from_its_text_payloads(settings, bundle):
+async def test_a_communication_is_classified_from_its_text_payloads(serve, settings, bundle):
     communication = {
         "resourceType": "Communication", "id": "msg-9", "status": "completed",
         "subject": {"reference": "Patient/p-2"}, "encounter": {"reference": "Encounter/e-2"},
@@ -174,7 +162,7 @@ SECRET_NOTE = f"CC: seizure {MARKER}"
     ({"resourceType": "Communication", "status": "completed", "subject": {"reference": "Patient/p"},
       "payload": [{"contentReference": {"reference": "Binary/b"}}]}, 422, "required"),
 ])
-async def test_invalid_input_gets_an_operation_outcome_without_the_note(settings, body, status, issue_code):
+async def test_invalid_input_gets_an_operation_outcome_without_the_note(serve, settings, body, status, issue_code):
     content = body if isinstance(body, bytes) else None
     async with serve(settings()) as client:
         response = await client.post(CLASSIFY_PATH, content=content, json=None if content else body,
@@ -184,13 +172,13 @@ async def test_invalid_input_gets_an_operation_outcome_without_the_note(settings
     assert MARKER not in response.text and base64.b64encode(SECRET_NOTE.encode()).decode() not in response.text
 
 
-async def test_other_content_types_get_415(settings):
+async def test_other_content_types_get_415(serve, settings):
     async with serve(settings()) as client:
         response = await client.post(CLASSIFY_PATH, content=NOTES[0].encode(), headers={"Content-Type": "text/plain"})
     assert response.status_code == 415 and outcome_of(response).issue[0].code == "not-supported"
 
 
-async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(settings, monkeypatch):
+async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(serve, settings, monkeypatch):
     long_note = " ".join(["chest pain"] * 20)
     async with serve(settings(api_keys=["k1"], max_note_tokens=16)) as client:
         unauthorized = await post_fhir(client, document(NOTES[0]))
@@ -213,14 +201,14 @@ async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(settings, m
     assert outcome_of(timed_out).issue[0].code == "transient"
 
 
-async def test_truncated_notes_say_so_in_the_assessment(settings):
+async def test_truncated_notes_say_so_in_the_assessment(serve, settings):
     async with serve(settings(max_note_tokens=16, truncate=True)) as client:
         response = await post_fhir(client, document(" ".join(["chest pain"] * 40)))
     assert response.status_code == 200
     assert "first 16 tokens" in RiskAssessment.model_validate(response.json()).note[0].text
 
 
-async def test_note_text_ids_and_patients_never_reach_the_logs(settings, caplog, capsys):
+async def test_note_text_ids_and_patients_never_reach_the_logs(serve, settings, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     resource = document(SECRET_NOTE, document_id=f"doc-{MARKER}")
     resource["subject"] = {"reference": f"Patient/{MARKER}"}

@@ -4,10 +4,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,23 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.bundle import load_bundle
 from app.inference import NoteClassifier
 from app.logs import JsonFormatter
-from app.main import create_app
-from app.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 NOTES = ["3세 남아 보호자 동반 CC: seizure. BT 39.1, HR 150", "CC: medication refill. BT 36.5", "CC: chest pain"]
-
-
-@asynccontextmanager
-async def serve(settings: Settings, lifespan: bool = True) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
-        if lifespan:
-            async with app.router.lifespan_context(app):
-                yield client
-        else:
-            yield client
 
 
 @pytest.fixture
@@ -51,7 +35,7 @@ def metric_samples(text: str, name: str) -> dict:
             for family in text_string_to_metric_families(text) if family.name == name for sample in family.samples}
 
 
-async def test_single_note_gets_the_bundles_probability_and_label(settings, tiny_bundle_dir):
+async def test_single_note_gets_the_bundles_probability_and_label(serve, settings, tiny_bundle_dir):
     bundle = load_bundle(tiny_bundle_dir)
     async with serve(settings()) as client:
         response = await client.post("/classify", json={"text": NOTES[0]})
@@ -66,7 +50,7 @@ async def test_single_note_gets_the_bundles_probability_and_label(settings, tiny
     assert response.headers["x-request-id"]
 
 
-async def test_many_notes_keep_their_order_and_ids(settings, tiny_bundle_dir):
+async def test_many_notes_keep_their_order_and_ids(serve, settings, tiny_bundle_dir):
     expected = load_bundle(tiny_bundle_dir).predict_proba(NOTES)
     notes = [{"id": "b", "text": NOTES[0]}, {"text": NOTES[1]}, {"id": "a", "text": NOTES[2]}]
     async with serve(settings(model_name="renamed")) as client:
@@ -79,7 +63,7 @@ async def test_many_notes_keep_their_order_and_ids(settings, tiny_bundle_dir):
     np.testing.assert_allclose([r["probability"] for r in body["results"]], expected, atol=1e-5)
 
 
-async def test_concurrent_requests_are_batched_together(settings):
+async def test_concurrent_requests_are_batched_together(serve, settings):
     async with serve(settings(max_wait_ms=200)) as client:
         responses = await asyncio.gather(*(client.post("/classify", json={"text": t}) for t in NOTES * 3))
         assert [r.status_code for r in responses] == [200] * 9
@@ -89,7 +73,7 @@ async def test_concurrent_requests_are_batched_together(settings):
     assert batches < 9  # at least one model run held notes of several requests
 
 
-async def test_a_full_queue_answers_429_at_once(settings, slow_model):
+async def test_a_full_queue_answers_429_at_once(serve, settings, slow_model):
     async with serve(settings(queue_capacity=2, max_notes_per_request=2, max_wait_ms=0)) as client:
         responses = await asyncio.gather(*(client.post("/classify", json={"text": t}) for t in NOTES * 3))
     statuses = sorted(r.status_code for r in responses)
@@ -97,14 +81,14 @@ async def test_a_full_queue_answers_429_at_once(settings, slow_model):
     assert all(r.headers["retry-after"] for r in responses if r.status_code == 429)
 
 
-async def test_a_request_past_its_timeout_gets_503(settings, slow_model):
+async def test_a_request_past_its_timeout_gets_503(serve, settings, slow_model):
     async with serve(settings(request_timeout_s=0.05)) as client:
         response = await client.post("/classify", json={"text": NOTES[0]})
     assert response.status_code == 503
     assert "within 0.05 s" in response.json()["detail"]
 
 
-async def test_bearer_keys_guard_everything_but_the_probes(settings):
+async def test_bearer_keys_guard_everything_but_the_probes(serve, settings):
     async with serve(settings(api_keys=["k1", "k2"])) as client:
         assert (await client.post("/classify", json={"text": NOTES[0]})).status_code == 401
         wrong = await client.post("/classify", json={"text": NOTES[0]}, headers={"Authorization": "Bearer nope"})
@@ -118,7 +102,7 @@ async def test_bearer_keys_guard_everything_but_the_probes(settings):
         assert (await client.get("/readyz")).status_code == 200
 
 
-async def test_oversized_bodies_get_413_with_or_without_content_length(settings):
+async def test_oversized_bodies_get_413_with_or_without_content_length(serve, settings):
     big = json.dumps({"text": "x" * 500}).encode()
 
     async def chunks():
@@ -135,7 +119,7 @@ async def test_oversized_bodies_get_413_with_or_without_content_length(settings)
     assert small.status_code == 200
 
 
-async def test_too_many_notes_or_too_long_notes_get_413(settings):
+async def test_too_many_notes_or_too_long_notes_get_413(serve, settings):
     long_note = " ".join(["chest pain"] * 20)
     async with serve(settings(max_notes_per_request=2, max_note_chars=300, max_note_tokens=16)) as client:
         too_many = await client.post("/classify", json={"notes": [{"text": t} for t in NOTES]})
@@ -147,7 +131,7 @@ async def test_too_many_notes_or_too_long_notes_get_413(settings):
     assert "positions [1] exceed 16 tokens" in too_many_tokens.json()["detail"]
 
 
-async def test_truncate_classifies_long_notes_and_says_so(settings):
+async def test_truncate_classifies_long_notes_and_says_so(serve, settings):
     long_note = " ".join(["chest pain"] * 40)
     async with serve(settings(max_note_tokens=16, truncate=True)) as client:
         response = await client.post("/classify", json={"notes": [{"text": NOTES[1]}, {"text": long_note}]})
@@ -164,14 +148,14 @@ async def test_truncate_classifies_long_notes_and_says_so(settings):
     {"text": NOTES[0], "priority": "high"},
     {"notes": "not a list"},
 ])
-async def test_invalid_requests_get_422_without_their_input_echoed(settings, body):
+async def test_invalid_requests_get_422_without_their_input_echoed(serve, settings, body):
     async with serve(settings()) as client:
         response = await client.post("/classify", json=body)
     assert response.status_code == 422
     assert all("input" not in error for error in response.json()["detail"])
 
 
-async def test_invalid_json_gets_422_and_non_utf8_gets_400(settings):
+async def test_invalid_json_gets_422_and_non_utf8_gets_400(serve, settings):
     async with serve(settings()) as client:
         broken = await client.post("/classify", content=b'{"text": "a', headers={"Content-Type": "application/json"})
         latin1 = await client.post("/classify", content='{"text": "café"}'.encode("latin-1"),
@@ -180,7 +164,7 @@ async def test_invalid_json_gets_422_and_non_utf8_gets_400(settings):
     assert latin1.status_code == 400 and "not valid UTF-8" in latin1.json()["detail"]
 
 
-async def test_readyz_is_503_until_the_bundle_is_loaded(settings):
+async def test_readyz_is_503_until_the_bundle_is_loaded(serve, settings):
     async with serve(settings(), lifespan=False) as client:
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code == 503
@@ -189,7 +173,7 @@ async def test_readyz_is_503_until_the_bundle_is_loaded(settings):
         assert (await client.get("/readyz")).json() == {"status": "ready"}
 
 
-async def test_model_endpoint_reports_manifest_and_card_summary(settings, tiny_bundle_dir):
+async def test_model_endpoint_reports_manifest_and_card_summary(serve, settings, tiny_bundle_dir):
     manifest = load_bundle(tiny_bundle_dir).manifest
     async with serve(settings()) as client:
         info = (await client.get("/v1/model")).json()
@@ -200,7 +184,7 @@ async def test_model_endpoint_reports_manifest_and_card_summary(settings, tiny_b
     assert info["manifest"]["name"] == manifest.name and "emergency" in info["intended_use"]
 
 
-async def test_metrics_count_requests_by_route_and_status(settings):
+async def test_metrics_count_requests_by_route_and_status(serve, settings):
     async with serve(settings()) as client:
         await client.post("/classify", json={"text": NOTES[0]})
         await client.post("/classify", json={"notes": []})
@@ -211,7 +195,7 @@ async def test_metrics_count_requests_by_route_and_status(settings):
     assert "triage_inference_duration_seconds_count" in text and "triage_queue_depth" in text
 
 
-async def test_note_text_and_ids_never_reach_the_logs(settings, caplog, capsys):
+async def test_note_text_and_ids_never_reach_the_logs(serve, settings, caplog, capsys):
     marker = "ZQX-MARKER-7731"
     caplog.set_level(logging.DEBUG)
     async with serve(settings(max_note_tokens=16)) as client:
@@ -227,7 +211,7 @@ async def test_note_text_and_ids_never_reach_the_logs(settings, caplog, capsys):
     assert all(json.loads(line)["message"] for line in formatted.splitlines())
 
 
-async def test_an_unexpected_error_is_a_500_logged_by_type_only(settings, monkeypatch, caplog):
+async def test_an_unexpected_error_is_a_500_logged_by_type_only(serve, settings, monkeypatch, caplog):
     marker = "ZQX-ERROR-4410"
 
     def broken_encode(self, texts):
