@@ -1,7 +1,9 @@
 """Dynamic batching: notes from concurrent requests share model runs.
 
 Requests put their (already tokenized) notes on a bounded queue. One worker task takes the first
-waiting note, waits at most `max_wait_ms` for a batch to fill, sorts what it took by length so that
+waiting note and everything queued behind it; only while requests are arriving concurrently (the last
+pool held notes of several requests) does it also wait up to `max_wait_ms` for a batch to fill, so that
+a lone request is never delayed for company that is not coming. It sorts what it took by length so that
 notes of similar length share a batch (less padding), cuts it into batches within `max_batch_size`
 notes and `max_batch_tokens` padded tokens, and runs them one at a time on a single-thread executor,
 off the event loop. Each request's future resolves once all its notes have run, in request order.
@@ -106,6 +108,7 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._worker: asyncio.Task | None = None
         self._accepting = False
+        self._concurrent = False  # the last pool held notes of more than one request
 
     @property
     def queue_depth(self) -> int:
@@ -160,21 +163,24 @@ class DynamicBatcher:
                     self._queue.task_done()
 
     async def _take_pool(self) -> list[_QueuedNote]:
-        """The first waiting note, then more until a batch is full or max_wait has passed."""
+        """The first waiting note and those queued behind it; while requests arrive concurrently, more until
+        a batch is full or max_wait has passed."""
         pool = [await self._queue.get()]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._max_wait_s
+        deadline = loop.time() + (self._max_wait_s if self._concurrent else 0.0)
         while True:
             while len(pool) < POOL_BATCHES * self.max_batch_size and not self._queue.empty():
                 pool.append(self._queue.get_nowait())
             waiting_tokens = sum(len(note.ids) for note in pool)
             remaining_s = deadline - loop.time()
             if len(pool) >= self.max_batch_size or waiting_tokens >= self.max_batch_tokens or remaining_s <= 0:
-                return pool
+                break
             try:
                 pool.append(await asyncio.wait_for(self._queue.get(), remaining_s))
             except TimeoutError:
-                return pool
+                break
+        self._concurrent = len({id(note.request) for note in pool}) > 1
+        return pool
 
     async def _run_batch(self, batch: list[_QueuedNote]) -> None:
         started = time.perf_counter()

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         8192, gt=0, description="Most padded tokens (notes x longest note) the model runs at once.")
     max_wait_ms: float = Field(
-        5.0, ge=0, description="How long the batcher waits for more notes after the first one before running.")
+        5.0, ge=0, description="How long the batcher waits for more notes after the first one before running; "
+        "only while requests arrive concurrently (a lone request runs at once).")
     queue_capacity: int = Field(
         1024, gt=0, description="Notes that may wait for the model; a request that does not fit gets 429.")
     request_timeout_s: float = Field(

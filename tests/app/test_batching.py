@@ -62,6 +62,23 @@ async def test_concurrent_requests_share_one_batch_and_get_their_own_results_in_
     assert stats[0].size == 5 and stats[0].padded_tokens == 5 * 6
 
 
+async def test_a_lone_request_runs_at_once_and_max_wait_applies_only_under_concurrency():
+    model = FakeModel()
+    loop = asyncio.get_running_loop()
+
+    async def later(value: int, delay_s: float) -> np.ndarray:
+        await asyncio.sleep(delay_s)
+        return await b.classify([note(value)], timeout_s=5)
+
+    async with batcher(model, max_wait_ms=400) as b:
+        start = loop.time()
+        await b.classify([note(1)], timeout_s=5)
+        assert loop.time() - start < 0.2  # idle: no waiting for company that is not coming
+        await asyncio.gather(b.classify([note(2)], timeout_s=5), b.classify([note(3)], timeout_s=5))
+        await asyncio.gather(b.classify([note(4)], timeout_s=5), later(5, 0.1))  # now it waits for note 5
+    assert model.batches == [[1], [2, 3], [4, 5]]
+
+
 async def test_batches_are_cut_at_max_batch_size():
     model = FakeModel()
     async with batcher(model, max_batch_size=2, max_wait_ms=100) as b:
@@ -100,13 +117,18 @@ async def test_timed_out_notes_are_skipped_by_the_worker():
 
 async def test_a_cancelled_request_does_not_break_the_batch_it_shares():
     model = FakeModel()
-    async with batcher(model, max_wait_ms=100) as b:
+    model.release.clear()
+    async with batcher(model) as b:
+        busy = asyncio.create_task(b.classify([note(9)], timeout_s=5))  # holds the worker meanwhile
+        await asyncio.sleep(0.01)
         gone = asyncio.create_task(b.classify([note(1), note(2)], timeout_s=5))
         staying = asyncio.create_task(b.classify([note(3)], timeout_s=5))
         await asyncio.sleep(0.01)
         gone.cancel()
+        model.release.set()
         np.testing.assert_allclose(await staying, [0.03])
-    assert model.batches == [[3]]
+        await busy
+    assert model.batches == [[9], [3]]
 
 
 async def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
