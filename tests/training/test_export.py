@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -17,6 +18,7 @@ from training.data.loading import load_parts
 from training.export import ExportError, export_bundle
 from training.fit import fit
 from training.modeling import load_student, load_tokenizer
+from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.predict import predict_proba
 
 CPU = ["CPUExecutionProvider"]
@@ -76,6 +78,17 @@ def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle,
         if variant.kept:
             assert sha256_file(bundle / variant.file) == variant.sha256
             assert (bundle / variant.file).stat().st_size == variant.size_bytes
+
+
+def test_int8_keeps_the_feed_forward_down_projections_in_fp32(bundle, tmp_path):
+    fp32 = Manifest.model_validate_json((bundle / "manifest.json").read_text()).variants["fp32"]
+    quantize_int8(bundle / fp32.file, tmp_path / "int8.onnx")
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    fp32_matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
+    int8_matmuls = [n.name for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert sorted(n for n in fp32_matmuls if FFN_DOWN.search(n)) == [
+        f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in range(2)]  # the tiny BERT has 2 layers
+    assert int8_matmuls and not any(FFN_DOWN.search(n) for n in int8_matmuls)
 
 
 def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
