@@ -73,7 +73,7 @@ def run_dir(out: Path, config: Config, seed: int) -> Path:
 
 
 def train(config: Config, seed: int, out: Path, split_file: Path, recipe: TrainingArguments) -> dict:
-    """Fit one run unless it finished before; returns its wall time and where its predictions are."""
+    """Fit one run unless it finished before; returns its threshold, test predictions and wall time."""
     directory = run_dir(out, config, seed)
     predictions = directory / "eval" / PREDICTIONS_FILE
     timing = directory / "wall_seconds.json"
@@ -86,8 +86,8 @@ def train(config: Config, seed: int, out: Path, split_file: Path, recipe: Traini
             DistillArguments(**config.distill), EvalArguments())
         timing.write_text(json.dumps({"wall_seconds": round(time.perf_counter() - start, 1)}))
     decision = json.loads((directory / "eval" / "metrics.json").read_text())["decision"]
-    return {"config": config.name, "seed": seed, "dir": directory, "threshold": decision["threshold"],
-            "wall_seconds": json.loads(timing.read_text())["wall_seconds"]}
+    return {"config": config.name, "seed": seed, "threshold": decision["threshold"],
+            "predictions": pd.read_csv(predictions), "wall_seconds": json.loads(timing.read_text())["wall_seconds"]}
 
 
 def nurse_scores(row_ids: np.ndarray) -> np.ndarray:
@@ -99,44 +99,37 @@ def nurse_scores(row_ids: np.ndarray) -> np.ndarray:
 
 def summarise(runs: list[dict], configs: list[Config], n_resamples: int) -> tuple[pd.DataFrame, dict, dict]:
     """Per config: seed-mean of each metric with a 95% CI from resampling test notes (every run scored on
-    the same resamples), and the seed-to-seed SD. Also the paired mlkd - base differences per student."""
-    predictions = {(r["config"], r["seed"]): pd.read_csv(r["dir"] / "eval" / PREDICTIONS_FILE) for r in runs}
-    first = next(iter(predictions.values()))
-    if any(not p["row_id"].equals(first["row_id"]) for p in predictions.values()):
+    the same resamples), and the seed-to-seed SD. Also the paired DSG-KD - base differences per student,
+    and the triage nurse's figures on the same notes."""
+    first = runs[0]["predictions"]
+    if any(not r["predictions"]["row_id"].equals(first["row_id"]) for r in runs):
         raise RuntimeError("runs were tested on different notes: they must share one split")
     labels = first["label"].to_numpy()
     indices = resample_indices(labels, n_resamples, seed=0)
 
-    rows, resampled_means = [], {}
+    rows, points, resampled_means = [], {}, {}
     for config in configs:
         seeds = [r for r in runs if r["config"] == config.name]
-        points = [compute_metrics(labels, predictions[config.name, r["seed"]]["p_emergency"], r["threshold"])
-                  for r in seeds]
-        resampled = [resampled_metrics(labels, predictions[config.name, r["seed"]]["p_emergency"],
-                                       r["threshold"], indices) for r in seeds]
+        points[config.name] = {r["seed"]: compute_metrics(labels, r["predictions"]["p_emergency"], r["threshold"])
+                               for r in seeds}
+        resampled = [resampled_metrics(labels, r["predictions"]["p_emergency"], r["threshold"], indices)
+                     for r in seeds]
         resampled_means[config.name] = {m: np.mean([x[m] for x in resampled], axis=0) for m in METRICS}
         row = {"config": config.name, "group": config.group, "seeds": len(seeds),
                "minutes_per_run": np.mean([r["wall_seconds"] for r in seeds]) / 60}
         for m in METRICS:
-            values = np.array([p[m] for p in points])
+            values = np.array([p[m] for p in points[config.name].values()])
             low, high = np.percentile(resampled_means[config.name][m], [2.5, 97.5])
             row |= {m: values.mean(), f"{m}_low": low, f"{m}_high": high, f"{m}_sd": values.std(ddof=1)}
         rows.append(row)
 
     paired = {}
     for config in configs:
-        student, method = config.name.split("/")
-        if config.group != "main" or method == "base":
+        if config.group != "main" or config.method == "base":
             continue
-        base = f"{student}/base"
-        per_seed = {r["seed"]: compute_metrics(labels, predictions[config.name, r["seed"]]["p_emergency"],
-                                               r["threshold"])["auroc"]
-                    for r in runs if r["config"] == config.name}
-        base_auroc = {r["seed"]: compute_metrics(labels, predictions[base, r["seed"]]["p_emergency"],
-                                                 r["threshold"])["auroc"]
-                      for r in runs if r["config"] == base}
-        differences = np.array([per_seed[s] - base_auroc[s] for s in sorted(per_seed) if s in base_auroc])
-        resampled = resampled_means[config.name]["auroc"] - resampled_means[base]["auroc"]
+        method, base = points[config.name], points[f"{config.student}/base"]
+        differences = np.array([method[s]["auroc"] - base[s]["auroc"] for s in sorted(method) if s in base])
+        resampled = resampled_means[config.name]["auroc"] - resampled_means[f"{config.student}/base"]["auroc"]
         paired[f"{config.name} - base"] = {
             "mean": float(differences.mean()), "low": float(np.percentile(resampled, 2.5)),
             "high": float(np.percentile(resampled, 97.5)), "seed_sd": float(differences.std(ddof=1)),
@@ -152,16 +145,16 @@ def summarise(runs: list[dict], configs: list[Config], n_resamples: int) -> tupl
     return pd.DataFrame(rows), paired, reference
 
 
-def figures(runs: list[dict], configs: list[Config], docs: Path) -> list[str]:
-    """ROC and reliability curves of the main methods, one panel per student, each curve pooled over seeds."""
+def figures(runs: list[dict], configs: list[Config], nurse: dict, docs: Path) -> None:
+    """ROC and reliability curves of the main methods, one panel per student, each curve pooled over seeds;
+    the nurse's operating point on the ROC panels."""
     students = sorted({c.student for c in configs if c.group == "main"})
-    written = []
     for kind in ("roc", "reliability"):
         figure = Figure(figsize=(6 * len(students), 5.2))
         axes = figure.subplots(1, len(students), squeeze=False)
         for ax, student in zip(axes[0], students):
             for config in (c for c in configs if c.group == "main" and c.student == student):
-                frames = [pd.read_csv(r["dir"] / "eval" / PREDICTIONS_FILE) for r in runs if r["config"] == config.name]
+                frames = [r["predictions"] for r in runs if r["config"] == config.name]
                 labels = np.concatenate([f["label"] for f in frames])
                 probs = np.concatenate([f["p_emergency"] for f in frames])
                 if kind == "roc":
@@ -172,9 +165,7 @@ def figures(runs: list[dict], configs: list[Config], docs: Path) -> list[str]:
                     ax.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], "o-",
                             label=config.method)
             if kind == "roc":
-                nurse = nurse_scores(frames[0]["row_id"].to_numpy())
-                point = compute_metrics(frames[0]["label"], nurse, 0.5)
-                ax.plot(1 - point["specificity"], point["sensitivity"], "k*", markersize=12,
+                ax.plot(1 - nurse["specificity"]["value"], nurse["sensitivity"]["value"], "k*", markersize=12,
                         label="triage nurse (KTAS_RN 1-3)")
                 ax.set(xlabel="1 - specificity", ylabel="sensitivity")
             else:
@@ -185,8 +176,6 @@ def figures(runs: list[dict], configs: list[Config], docs: Path) -> list[str]:
         figure.suptitle(f"KTAS test split: {kind.upper() if kind == 'roc' else 'reliability'}")
         figure.tight_layout()
         figure.savefig(docs / f"{kind}.png", dpi=110)
-        written.append(f"{kind}.png")
-    return written
 
 
 def markdown(table: pd.DataFrame, paired: dict, reference: dict, recipe: TrainingArguments, teacher: str,
@@ -252,8 +241,8 @@ def main(
             log.info("%s seed %d: %.0f s", config.name, seed, runs[-1]["wall_seconds"])
 
     table, paired, reference = summarise(runs, configs, n_resamples=1000)
-    figures(runs, configs, docs)
-    n_test = len(pd.read_csv(runs[0]["dir"] / "eval" / PREDICTIONS_FILE))
+    figures(runs, configs, reference, docs)
+    n_test = len(runs[0]["predictions"])
     total_minutes = sum(r["wall_seconds"] for r in runs) / 60
     (docs / "ktas_dsgkd.md").write_text(markdown(table, paired, reference, recipe, teacher, total_minutes, n_test))
     (docs / "ktas_dsgkd.json").write_text(json.dumps(

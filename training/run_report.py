@@ -35,9 +35,9 @@ def evaluate_run(run_dir: Path, eval_args: EvalArguments, parts: dict[str, Examp
                  metric: str = "auroc", device: torch.device | str = "cpu",
                  external: DataArguments | None = None) -> dict:
     """Thresholds come from the run's own train/valid data; the test set is the run's test split, or every
-    row of `external`. Writes `<run>/eval/` (or `eval-external/`) and, for the run's own test split, records
-    the decision threshold in the checkpoint, and `predictions.csv` (row id, label, P(emergency); no text).
-    Returns the report."""
+    row of `external`. Writes `<run>/eval/` (or `eval-external/`), with `predictions.csv` (row id, label,
+    P(emergency); no text), and, for the run's own test split, records the decision threshold in the
+    checkpoint. Returns the report."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     if parts is None:
