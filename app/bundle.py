@@ -11,8 +11,8 @@ needs torch, transformers or the `training` package.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,15 +63,21 @@ def predict_proba(session: ort.InferenceSession, tokenizer: Tokenizer, texts: li
     logits = np.zeros((len(texts), 2), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         positions = order[start:start + batch_size]
-        encodings = tokenizer.encode_batch([texts[i] for i in positions])
-        feed = {
-            "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-        }
-        logits[positions] = session.run(["logits"], {k: v for k, v in feed.items() if k in input_names})[0]
+        logits[positions] = session.run(["logits"], encode_inputs(tokenizer, [texts[i] for i in positions],
+                                                                  input_names))[0]
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted[:, 1] / shifted.sum(axis=1)
+
+
+def encode_inputs(tokenizer: Tokenizer, texts: list[str], input_names: set[str]) -> dict[str, np.ndarray]:
+    """The graph's inputs for one batch: int64 [batch, longest note], restricted to the names the graph takes."""
+    encodings = tokenizer.encode_batch(texts)
+    inputs = {
+        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
+    }
+    return {name: array for name, array in inputs.items() if name in input_names}
 
 
 def load_bundle(path: str | Path, variant: str = "auto", intra_op_threads: int | None = None,

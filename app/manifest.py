@@ -38,6 +38,9 @@ class Variant(Strict):
                                                       "PyTorch at the decision threshold.")
     valid_auroc: float | None
     auroc_drop: float | None = Field(description="Validation AUROC of PyTorch minus this variant's.")
+    batch_shift: float | None = Field(None, description="Largest |P(note scored alone) - P(same note scored in a "
+                                                    "batch of 32)| on held-out notes: how much a note's result "
+                                                    "depends on the notes batched with it (None: not measured).")
     note: str | None = Field(None, description="Why the variant was dropped or not evaluated.")
 
 

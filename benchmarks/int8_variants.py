@@ -1,8 +1,10 @@
-"""Which dynamic int8 quantization keeps a run's validation AUROC within the export tolerance?
+"""Which int8 quantization of a run keeps its accuracy, its batch invariance and its speed?
 
 Exports RUN's best checkpoint to fp32 ONNX (the export path of `training.export`), quantizes it several
-ways, and prints per way: validation AUROC minus PyTorch's, max |dP| against the fp32 ONNX file (itself
-within 1e-4 of PyTorch) on the held-out notes, file size, and the median latency of a batch of 1 and of 32 real notes.
+ways, and prints per way: validation AUROC minus PyTorch's; max and mean |dP| against the fp32 ONNX file
+(itself within 1e-4 of PyTorch) on the held-out notes; the batch shift (largest change of a note's P between
+scoring it alone and in a batch of 32, as in the manifest); file size; and the median time to classify the
+test notes in batches of 1 and of 32, every way timed in turn within each repeat (same process, same inputs).
 
     python benchmarks/int8_variants.py --run runs/experiment/runs/e5-small__base/seed-0
 """
@@ -10,76 +12,84 @@ within 1e-4 of PyTorch) on the held-out notes, file size, and the median latency
 from __future__ import annotations
 
 import argparse
+import logging
 import os
-import re
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers import optimizer
 from sklearn.metrics import roc_auc_score
 
-from app.bundle import TOKENIZER_FILE, create_session, load_tokenizer, predict_proba
+from app.bundle import TOKENIZER_FILE, create_session, encode_inputs, load_tokenizer, predict_proba
 from app.manifest import Manifest
 from training.config import DataArguments
 from training.data.loading import load_parts
-from training.export import export_bundle
+from training.export import CALIBRATION_BATCH_SIZE, CALIBRATION_NOTES, export_bundle
 from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.run_report import load_run_config
 
-# name -> (quantize_dynamic options, regex of node names kept in fp32; {last} is the last layer's index).
-# None: what the export does (training.onnx_variants.quantize_int8).
-WAYS: dict[str, tuple[dict, str | None] | None] = {
-    "export: FFN down-projections fp32, embeddings int8": None,
-    "every MatMul int8, embeddings int8 (before)": ({"per_channel": True, "gather": True}, None),
-    "every MatMul int8, embeddings fp32": ({"per_channel": True, "gather": False}, None),
-    "every MatMul int8, per-tensor, embeddings fp32": ({"per_channel": False, "gather": False}, None),
-    "every MatMul int8, reduce_range, embeddings fp32": (
-        {"per_channel": True, "gather": False, "reduce_range": True}, None),
-    "FFN down-projections fp32, embeddings fp32": ({"per_channel": True, "gather": False}, FFN_DOWN.pattern),
-    "last 2 layers + pooler/classifier fp32, embeddings fp32": (
-        {"per_channel": True, "gather": False}, r"/layer\.({last}|{second_last})/|pooler|classifier"),
+Batches = list[dict[str, np.ndarray]]
+Quantize = Callable[[Path, Path, Batches], None]
+
+
+def static(keep_ffn_down: bool) -> Quantize:
+    def quantize(fp32: Path, out: Path, calibration: Batches) -> None:
+        quantize_int8(fp32, out, calibration, keep_fp32=FFN_DOWN if keep_ffn_down else None)
+    return quantize
+
+
+def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
+    """Dynamic int8 (activation scales from each batch at run time); `fused`: ORT's BERT fusions first, so
+    that attention is quantized as one QAttention op."""
+    def quantize(fp32: Path, out: Path, calibration: Batches) -> None:
+        source = fp32
+        if fused:
+            source = out.with_suffix(".fused.onnx")
+            optimizer.optimize_model(str(fp32), model_type="bert", opt_level=0).save_model_to_file(str(source))
+        matmuls = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node if n.op_type == "MatMul"]
+        quantize_dynamic(source, out, weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm", "Gather", *(["Attention"] if fused else [])],
+                         nodes_to_exclude=[n for n in matmuls if keep_ffn_down and FFN_DOWN.search(n)],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return quantize
+
+
+WAYS: dict[str, Quantize] = {
+    "export: static, FFN down-projections fp32": static(keep_ffn_down=True),
+    "static, every MatMul int8": static(keep_ffn_down=False),
+    "dynamic, FFN down-projections fp32": dynamic(keep_ffn_down=True),
+    "dynamic, every MatMul int8": dynamic(keep_ffn_down=False),
+    "BERT fusions + dynamic, every MatMul int8": dynamic(keep_ffn_down=False, fused=True),
 }
 
 
-def matmul_names(fp32_file: Path) -> list[str]:
-    return [n.name for n in onnx.load(str(fp32_file), load_external_data=False).graph.node
-            if n.op_type in ("MatMul", "Gemm")]
-
-
-def quantize(fp32_file: Path, out_file: Path, way: tuple[dict, str | None] | None) -> int:
-    """Quantizes one way; returns how many MatMul/Gemm nodes were left in fp32."""
-    if way is None:
-        quantize_int8(fp32_file, out_file)
-        return sum(bool(FFN_DOWN.search(n)) for n in matmul_names(fp32_file))
-    options, keep_fp32 = way
-    nodes = matmul_names(fp32_file)
-    last = max(int(m) for n in nodes for m in re.findall(r"/layer\.(\d+)/", n))
-    pattern = keep_fp32.format(last=last, second_last=last - 1) if keep_fp32 else None
-    excluded = [n for n in nodes if pattern and re.search(pattern, n)]
-    quantize_dynamic(fp32_file, out_file, weight_type=QuantType.QInt8, per_channel=options["per_channel"],
-                     reduce_range=options.get("reduce_range", False), nodes_to_exclude=excluded,
-                     op_types_to_quantize=["MatMul", "Gemm", *(["Gather"] if options["gather"] else [])])
-    return len(excluded)
-
-
-def median_latency(session, tokenizer, texts: list[str], repeats: int) -> float:
-    times = []
+def median_seconds(sessions: dict, tokenizer, texts: list[str], batch_size: int, repeats: int) -> dict[str, float]:
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for session in sessions.values():
+        predict_proba(session, tokenizer, batches[0], batch_size)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        predict_proba(session, tokenizer, texts, len(texts))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for name, session in sessions.items():
+            start = time.perf_counter()
+            for batch in batches:
+                predict_proba(session, tokenizer, batch, batch_size)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="a run directory (training.fit --out)")
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per batch size")
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the test notes per batch size")
     args = parser.parse_args()
+    logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs a line per tensor
 
     config = load_run_config(args.run)
     parts = load_parts(DataArguments(**{**config["data"], "split_file": str(args.run / "split.json")}))
@@ -87,28 +97,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         bundle = export_bundle(args.run, Path(work) / "bundle", tolerance=1.0)
         manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
-        fp32 = manifest.variants["fp32"]
-        torch_auroc = fp32.valid_auroc + fp32.auroc_drop
+        fp32 = bundle / manifest.variants["fp32"].file
+        torch_auroc = manifest.variants["fp32"].valid_auroc + manifest.variants["fp32"].auroc_drop
         tokenizer = load_tokenizer(bundle / TOKENIZER_FILE, manifest.max_input_tokens)
-        reference = predict_proba(create_session(bundle / fp32.file, ["CPUExecutionProvider"], args.threads),
-                                  tokenizer, held_out)
+        input_names = {tensor.name for tensor in onnx.load(str(fp32), load_external_data=False).graph.input}
+        train = parts["train"].texts[:CALIBRATION_NOTES]
+        calibration = [encode_inputs(tokenizer, train[i:i + CALIBRATION_BATCH_SIZE], input_names)
+                       for i in range(0, len(train), CALIBRATION_BATCH_SIZE)]
 
-        print(f"run {args.run}; PyTorch validation AUROC {torch_auroc:.4f} on {len(valid)} notes; "
-              f"ORT threads {args.threads}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-        print(f"{'way':52s} {'fp32 nodes':>10s} {'AUROC drop':>10s} {'max|dP|':>8s} {'MB':>6s} "
-              f"{'b1 ms':>7s} {'b32 ms':>7s}")
-        files = {"fp32 (reference)": (bundle / fp32.file, 0)}
-        for number, (name, way) in enumerate(WAYS.items()):
-            model_file = Path(work) / f"int8-{number}.onnx"
-            files[name] = model_file, quantize(bundle / fp32.file, model_file, way)
-        for name, (model_file, kept) in files.items():
-            session = create_session(model_file, ["CPUExecutionProvider"], args.threads)
-            probs = predict_proba(session, tokenizer, held_out)
+        files = {"fp32 (reference)": fp32}
+        for number, (name, quantize) in enumerate(WAYS.items()):
+            files[name] = Path(work) / f"int8-{number}.onnx"
+            quantize(fp32, files[name], calibration)
+        sessions = {name: create_session(path, ["CPUExecutionProvider"], args.threads) for name, path in files.items()}
+        reference = predict_proba(sessions["fp32 (reference)"], tokenizer, held_out)
+        test = parts["test"].texts
+        seconds = {size: median_seconds(sessions, tokenizer, test, size, args.repeats) for size in (1, 32)}
+
+        print(f"run {args.run}; PyTorch validation AUROC {torch_auroc:.4f} on {len(valid)} notes; {len(held_out)} "
+              f"held-out notes; {len(test)} test notes timed; ORT threads {args.threads}; median of {args.repeats}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+        print("| way | AUROC drop | max abs dP | mean abs dP | batch shift | MB | notes/s @1 | notes/s @32 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, session in sessions.items():
+            probs = predict_proba(session, tokenizer, held_out, 32)
+            shift = np.abs(predict_proba(session, tokenizer, held_out, 1) - probs).max()
             drop = torch_auroc - roc_auc_score(valid.labels, probs[:len(valid)])
-            b1 = median_latency(session, tokenizer, held_out[:1], args.repeats)
-            b32 = median_latency(session, tokenizer, held_out[:32], args.repeats)
-            print(f"{name:52s} {kept:10d} {drop:+10.4f} {np.abs(probs - reference).max():8.4f} "
-                  f"{model_file.stat().st_size / 1e6:6.0f} {b1 * 1000:7.1f} {b32 * 1000:7.1f}")
+            dp = np.abs(probs - reference)
+            print(f"| {name} | {drop:+.4f} | {dp.max():.4f} | {dp.mean():.4f} | {shift:.4f} | "
+                  f"{files[name].stat().st_size / 1e6:.0f} | {len(test) / seconds[1][name]:.1f} | "
+                  f"{len(test) / seconds[32][name]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def export(
     version: Annotated[str | None, typer.Option(help="Bundle version (default: UTC date + model hash).")] = None,
     tolerance: Annotated[float, typer.Option(help="Largest validation AUROC drop for keeping the int8/fp16 variants.")] = 0.005,
     parity_atol: Annotated[float, typer.Option(help="Largest |P_onnx - P_torch| allowed for fp32 on held-out notes.")] = 1e-4,
+    batch_shift_atol: Annotated[float, typer.Option(help="Largest change of a note's P(emergency) between scoring it alone and in a batch, for keeping the int8/fp16 variants.")] = 1e-3,
     quantize_embeddings: Annotated[bool, typer.Option(help="Store the int8 variant's embedding tables in int8 too.")] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
 ) -> None:
@@ -77,7 +78,8 @@ def export(
 
     with _clear_errors(ExportError):
         bundle = export_bundle(run, out, metric=metric, name=name, version=version, tolerance=tolerance,
-                               parity_atol=parity_atol, quantize_embeddings=quantize_embeddings, overwrite=overwrite)
+                               parity_atol=parity_atol, batch_shift_atol=batch_shift_atol,
+                               quantize_embeddings=quantize_embeddings, overwrite=overwrite)
     typer.echo(f"bundle written to {bundle}")
 
 

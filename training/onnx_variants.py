@@ -1,11 +1,11 @@
 """The ONNX files of a bundle: the fp32 export of a student checkpoint and its int8 and fp16 variants.
 
-All three files hold the plain exported graph (standard ONNX ops, no offline fusions). ONNX Runtime
-applies its graph optimizations (level ALL: constant folding, attention/LayerNorm/GELU fusions, layout
-changes) when the service loads a file, for the execution provider it actually runs on. A graph
-optimized offline at that level is tied to the provider and hardware it was optimized for (ORT's own
-advice), so one file could not serve both CPU and CUDA hosts; fusing before quantizing (ORT's
-transformers optimizer) measured no faster for the int8 MiniLM on CPU either.
+fp32 and fp16 hold the plain exported graph (standard ONNX ops, no offline fusions): ONNX Runtime applies
+its graph optimizations (level ALL: constant folding, attention/LayerNorm/GELU fusions, layout changes)
+when the service loads a file, for the execution provider it actually runs on; a graph optimized offline
+at that level is tied to the provider and hardware it was optimized for (ORT's own advice). int8 is a
+static QDQ graph (see `quantize_int8`); fusing with ORT's transformers optimizer before quantizing
+measured no faster for it on the e5-small student (`benchmarks/int8_variants.py`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -97,24 +98,41 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path}: {'; '.join(problems)}")
 
 
-def quantize_int8(fp32_file: Path, out_file: Path, quantize_embeddings: bool = True) -> None:
-    """Dynamic int8 quantization: int8 weights for the MatMul/Gemm layers, activations quantized at run time.
+def quantize_int8(fp32_file: Path, out_file: Path, calibration: Iterable[dict[str, np.ndarray]],
+                  quantize_embeddings: bool = True, keep_fp32: re.Pattern[str] | None = FFN_DOWN) -> None:
+    """Static int8 quantization (QDQ): int8 weights with one scale per output channel, and int8 activations
+    whose scales are fixed beforehand from the value ranges seen on `calibration` batches (graph inputs,
+    e.g. training notes; MinMax).
 
-    Weights get one scale per output channel. The feed-forward down-projections (`layer.N/output/dense`)
-    stay fp32: their input is the GELU output, whose few large outliers make a per-tensor activation scale
-    too coarse for the rest. On the e5-small KTAS student, quantizing them too cost 0.0069 validation AUROC
-    (max |dP| 0.136); keeping them fp32 cost none (-0.0002, max |dP| 0.084): `benchmarks/int8_variants.py`.
-    With `quantize_embeddings` the embedding tables (Gather) are stored in int8 too: e5-small's 250k-token
-    vocabulary then takes 4x less room.
+    Static, not dynamic: dynamic quantization picks each activation's scale at run time from the whole
+    batch, so a note's P(emergency) depended on the notes it shared a batch with (e5-small KTAS student:
+    by up to 0.11 between scoring a note alone and in a batch of 32); with fixed scales a note's result is
+    the same in any batch. MatMuls whose name matches `keep_fp32` stay fp32; by default the feed-forward
+    down-projections (`layer.N/output/dense`), whose input is the GELU output, whose few large outliers make
+    one activation scale too coarse for the rest (with them in int8, mean |dP| against fp32 rose from 0.014
+    to 0.11). With `quantize_embeddings` the embedding tables (Gather) are stored in int8 too, their outputs
+    left in fp32: e5-small's 250k-token vocabulary then takes 4x less room.
     """
     graph = onnx.load(str(fp32_file), load_external_data=False).graph
-    kept_fp32 = [node.name for node in graph.node if node.op_type == "MatMul" and FFN_DOWN.search(node.name)]
-    if not kept_fp32:
-        log.warning("%s: no feed-forward down-projection found by name; every MatMul is quantized", fp32_file.name)
+    kept_fp32 = [node.name for node in graph.node
+                 if node.op_type == "MatMul" and keep_fp32 and keep_fp32.search(node.name)]
+    if keep_fp32 and not kept_fp32:
+        log.warning("%s: no MatMul matches %s; every MatMul is quantized", fp32_file.name, keep_fp32.pattern)
     op_types = ["MatMul", "Gemm", *(["Gather"] if quantize_embeddings else [])]
     with _without_root_info_logs():
-        quantize_dynamic(fp32_file, out_file, op_types_to_quantize=op_types, per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=kept_fp32)
+        quantize_static(fp32_file, out_file, _Batches(calibration), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=kept_fp32,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"OpTypesToExcludeOutputQuantization": ["Gather"]})
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
 
 
 @contextmanager

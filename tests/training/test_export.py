@@ -9,7 +9,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from app.bundle import load_bundle, sha256_file
+from app.bundle import create_session, encode_inputs, load_bundle, sha256_file
+from app.bundle import load_tokenizer as load_bundle_tokenizer
+from app.bundle import predict_proba as onnx_predict_proba
 from app.manifest import Manifest
 from training.checkpoints import checkpoint_dir
 from training.cli import app
@@ -73,22 +75,48 @@ def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle,
         # 1e-6 differences can reorder notes and move its AUROC a little.
         assert variant.auroc_drop == pytest.approx(torch_auroc - variant.valid_auroc, abs=1e-6)
         assert (bundle / variant.file).exists() == variant.kept
+        assert variant.batch_shift is not None and variant.batch_shift >= 0
         if name != "fp32":
-            assert variant.kept == (variant.auroc_drop <= 0.005)
+            assert variant.kept == (variant.auroc_drop <= 0.005 and variant.batch_shift <= 1e-3)
         if variant.kept:
             assert sha256_file(bundle / variant.file) == variant.sha256
             assert (bundle / variant.file).stat().st_size == variant.size_bytes
 
 
-def test_int8_keeps_the_feed_forward_down_projections_in_fp32(bundle, tmp_path):
-    fp32 = Manifest.model_validate_json((bundle / "manifest.json").read_text()).variants["fp32"]
-    quantize_int8(bundle / fp32.file, tmp_path / "int8.onnx")
-    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    fp32_matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
-    int8_matmuls = [n.name for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
-    assert sorted(n for n in fp32_matmuls if FFN_DOWN.search(n)) == [
+@pytest.fixture(scope="module")
+def int8_file(bundle, parts, tmp_path_factory):
+    """The bundle's fp32 graph quantized as the export does, calibrated on the training notes."""
+    fp32_file = bundle / Manifest.model_validate_json((bundle / "manifest.json").read_text()).variants["fp32"].file
+    input_names = {tensor.name for tensor in onnx.load(str(fp32_file)).graph.input}
+    tokenizer = load_bundle_tokenizer(bundle / "tokenizer.json", MAX_TOKENS)
+    texts = parts["train"].texts
+    out_file = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    quantize_int8(fp32_file, out_file, (encode_inputs(tokenizer, texts[i:i + 8], input_names)
+                                        for i in range(0, len(texts), 8)))
+    return out_file
+
+
+def test_int8_quantizes_every_matmul_but_the_feed_forward_down_projections(int8_file):
+    graph = onnx.load(str(int8_file)).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    int8_inputs = {node.name: all(name in dequantized for name in node.input)
+                   for node in graph.node if node.op_type == "MatMul"}
+    assert sorted(name for name, int8 in int8_inputs.items() if not int8) == [
         f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in range(2)]  # the tiny BERT has 2 layers
-    assert int8_matmuls and not any(FFN_DOWN.search(n) for n in int8_matmuls)
+    assert sum(int8_inputs.values()) >= 8  # per layer: Q, K, V, QK^T, AV, attention output, FFN up
+    assert all(FFN_DOWN.search(name) for name, int8 in int8_inputs.items() if not int8)
+
+
+def test_int8_scores_a_note_the_same_alone_and_in_any_batch(int8_file, bundle, held_out):
+    # Static activation scales: nothing in a note's computation depends on the notes batched with it
+    # (dynamic quantization took each scale from the whole batch).
+    session = create_session(int8_file, CPU)
+    tokenizer = load_bundle_tokenizer(bundle / "tokenizer.json", MAX_TOKENS)
+    alone = onnx_predict_proba(session, tokenizer, held_out, batch_size=1)
+    np.testing.assert_allclose(onnx_predict_proba(session, tokenizer, held_out, batch_size=32), alone, atol=1e-5)
+    reversed_notes = held_out[::-1]
+    np.testing.assert_allclose(onnx_predict_proba(session, tokenizer, reversed_notes, batch_size=7), alone[::-1],
+                               atol=1e-5)
 
 
 def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
@@ -119,13 +147,16 @@ def test_model_card_is_written(bundle):
     assert f">= {manifest.decision.threshold:.4f}" in card
 
 
-def test_variants_failing_the_tolerance_are_dropped_with_figures_kept(tiny_run, tmp_path):
-    # A negative tolerance asks every variant to beat PyTorch's AUROC, so int8 and fp16 are dropped.
-    bundle = export_bundle(tiny_run, tmp_path / "strict", tolerance=-1.0)
+@pytest.mark.parametrize(("limit", "reason"), [
+    ({"tolerance": -1.0}, "tolerance"),  # asks every variant to beat PyTorch's AUROC
+    ({"batch_shift_atol": -1.0}, "batched with it"),  # asks for a negative change
+])
+def test_variants_failing_a_limit_are_dropped_with_figures_kept(tiny_run, tmp_path, limit, reason):
+    bundle = export_bundle(tiny_run, tmp_path / "strict", **limit)
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     for name in ("int8", "fp16"):
         variant = manifest.variants[name]
-        assert not variant.kept and "tolerance" in variant.note and variant.max_abs_diff is not None
+        assert not variant.kept and reason in variant.note and variant.max_abs_diff is not None
         assert not (bundle / variant.file).exists()
     assert load_bundle(bundle, providers=CPU).variant == "fp32"
 
