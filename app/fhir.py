@@ -25,6 +25,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPred
 
 from app.auth import require_api_key
 from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource
+from app.middleware import json_error
 from app.routes import Classification, Service, add_log_fields, classify_texts, ready_service
 
 FHIR_JSON = "application/fhir+json"
@@ -34,6 +35,7 @@ MODEL_SYSTEM = "urn:dsgkd-triage:model"
 CLASSIFY_PATH = "/fhir/RiskAssessment/$classify"
 # OperationOutcome issue type of an HTTP error raised outside this module (auth, limits, the batcher).
 ISSUE_CODES = {
+    HTTPStatus.BAD_REQUEST: "structure",
     HTTPStatus.UNAUTHORIZED: "login",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "too-long",
     HTTPStatus.TOO_MANY_REQUESTS: "throttled",
@@ -151,6 +153,14 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
         )],
         note=[Annotation(text=note_text)],
     )
+
+
+def body_error(path: str, status: int, message: str) -> Response:
+    """The request-body errors answered before routing (too large, not UTF-8): an OperationOutcome on the
+    FHIR endpoint, the service's own JSON error elsewhere."""
+    if path == CLASSIFY_PATH:
+        return fhir_response(operation_outcome(ISSUE_CODES.get(status, "exception"), message), status)
+    return json_error(path, status, message)
 
 
 def operation_outcome(issue_code: str, diagnostics: str) -> OperationOutcome:

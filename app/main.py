@@ -35,7 +35,7 @@ def create_app(settings: Settings) -> FastAPI:
     for included in routers:
         app.include_router(included)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, error_response=fhir.body_error)
     app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics,
                        route_paths={route.path for included in routers for route in included.routes})
     return app

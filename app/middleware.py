@@ -7,9 +7,9 @@ import re
 import time
 import traceback
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.metrics import Metrics
@@ -77,23 +77,33 @@ class AccessLogMiddleware:
         return uuid.uuid4().hex
 
 
+# (request path, HTTP status, message) -> the error response in the protocol of that path
+ErrorResponse = Callable[[str, int, str], Response]
+
+
+def json_error(path: str, status: int, message: str) -> Response:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
 class BodyLimitMiddleware:
     """Reads the whole request body before the app does: 413 past `max_body_bytes` (checked while
-    reading, with or without Content-Length), 400 when it is not UTF-8 (JSON must be).
+    reading, with or without Content-Length), 400 when it is not UTF-8 (JSON must be). `error_response`
+    words those answers for the path asked (an OperationOutcome for the FHIR endpoint).
 
     Not FastAPI's own `max_body_size`: that is recent (FastAPI 0.16x), answers some 413s in plain
     text, and leaves the encoding to a generic "error parsing the body".
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, error_response: ErrorResponse = json_error) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse({"detail": f"request body exceeds {self.max_body_bytes} bytes"}, status_code=413)
+        too_large = self.error_response(scope["path"], 413, f"request body exceeds {self.max_body_bytes} bytes")
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             await too_large(scope, receive, send)
@@ -115,8 +125,8 @@ class BodyLimitMiddleware:
         try:
             body.decode("utf-8")
         except UnicodeDecodeError as error:
-            await JSONResponse({"detail": f"request body is not valid UTF-8 (byte {error.start})"},
-                               status_code=400)(scope, receive, send)
+            await self.error_response(scope["path"], 400, f"request body is not valid UTF-8 (byte {error.start})")(
+                scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 

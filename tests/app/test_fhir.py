@@ -172,6 +172,16 @@ async def test_invalid_input_gets_an_operation_outcome_without_the_note(serve, s
     assert MARKER not in response.text and base64.b64encode(SECRET_NOTE.encode()).decode() not in response.text
 
 
+async def test_bodies_refused_before_routing_get_operation_outcomes_too(serve, settings):
+    async with serve(settings(max_body_bytes=2_000)) as client:
+        not_utf8 = await client.post(CLASSIFY_PATH, content=b'{"resourceType": "\xff"}', headers=FHIR_HEADERS)
+        too_large = await client.post(CLASSIFY_PATH, content=b" " * 2_001, headers=FHIR_HEADERS)
+        plain = await client.post("/classify", content=b'{"text": "\xff"}', headers={"Content-Type": "application/json"})
+    assert not_utf8.status_code == 400 and outcome_of(not_utf8).issue[0].code == "structure"
+    assert too_large.status_code == 413 and outcome_of(too_large).issue[0].code == "too-long"
+    assert plain.status_code == 400 and "UTF-8" in plain.json()["detail"]
+
+
 async def test_other_content_types_get_415(serve, settings):
     async with serve(settings()) as client:
         response = await client.post(CLASSIFY_PATH, content=NOTES[0].encode(), headers={"Content-Type": "text/plain"})
