@@ -33,7 +33,7 @@ ACCEPTED_CONTENT_TYPES = (FHIR_JSON, "application/json")
 OUTCOME_SYSTEM = "urn:dsgkd-triage:outcome"
 MODEL_SYSTEM = "urn:dsgkd-triage:model"
 CLASSIFY_PATH = "/fhir/RiskAssessment/$classify"
-# OperationOutcome issue type of an HTTP error raised outside this module (auth, limits, the batcher).
+# OperationOutcome issue type of an HTTP error raised outside this module (auth, limits, the batcher, the body limit).
 ISSUE_CODES = {
     HTTPStatus.BAD_REQUEST: "structure",
     HTTPStatus.UNAUTHORIZED: "login",

@@ -25,29 +25,30 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers import optimizer
 from sklearn.metrics import roc_auc_score
+from tokenizers import Tokenizer
 
-from app.bundle import TOKENIZER_FILE, create_session, encode_inputs, load_tokenizer, predict_proba
+from app.bundle import TOKENIZER_FILE, create_session, load_tokenizer, predict_proba
 from app.manifest import Manifest
 from training.config import DataArguments
 from training.data.loading import load_parts
-from training.export import CALIBRATION_BATCH_SIZE, CALIBRATION_NOTES, export_bundle
+from training.export import CALIBRATION_NOTES, export_bundle
 from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.run_report import load_run_config
 
-Batches = list[dict[str, np.ndarray]]
-Quantize = Callable[[Path, Path, Batches], None]
+# (fp32 file, int8 file to write, tokenizer, calibration notes); the dynamic ways calibrate nothing.
+Quantize = Callable[[Path, Path, Tokenizer, list[str]], None]
 
 
 def static(keep_ffn_down: bool) -> Quantize:
-    def quantize(fp32: Path, out: Path, calibration: Batches) -> None:
-        quantize_int8(fp32, out, calibration, keep_fp32=FFN_DOWN if keep_ffn_down else None)
+    def quantize(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: list[str]) -> None:
+        quantize_int8(fp32, out, tokenizer, calibration_texts, keep_fp32=FFN_DOWN if keep_ffn_down else None)
     return quantize
 
 
 def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
     """Dynamic int8 (activation scales from each batch at run time); `fused`: ORT's BERT fusions first, so
     that attention is quantized as one QAttention op."""
-    def quantize(fp32: Path, out: Path, calibration: Batches) -> None:
+    def quantize(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: list[str]) -> None:
         source = fp32
         if fused:
             source = out.with_suffix(".fused.onnx")
@@ -100,15 +101,12 @@ def main() -> None:
         fp32 = bundle / manifest.variants["fp32"].file
         torch_auroc = manifest.variants["fp32"].valid_auroc + manifest.variants["fp32"].auroc_drop
         tokenizer = load_tokenizer(bundle / TOKENIZER_FILE, manifest.max_input_tokens)
-        input_names = {tensor.name for tensor in onnx.load(str(fp32), load_external_data=False).graph.input}
-        train = parts["train"].texts[:CALIBRATION_NOTES]
-        calibration = [encode_inputs(tokenizer, train[i:i + CALIBRATION_BATCH_SIZE], input_names)
-                       for i in range(0, len(train), CALIBRATION_BATCH_SIZE)]
+        calibration_texts = parts["train"].texts[:CALIBRATION_NOTES]
 
         files = {"fp32 (reference)": fp32}
         for number, (name, quantize) in enumerate(WAYS.items()):
             files[name] = Path(work) / f"int8-{number}.onnx"
-            quantize(fp32, files[name], calibration)
+            quantize(fp32, files[name], tokenizer, calibration_texts)
         sessions = {name: create_session(path, ["CPUExecutionProvider"], args.threads) for name, path in files.items()}
         reference = predict_proba(sessions["fp32 (reference)"], tokenizer, held_out)
         test = parts["test"].texts

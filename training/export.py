@@ -18,21 +18,18 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import onnx
 from sklearn.metrics import roc_auc_score
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from app.bundle import (
-    MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, encode_inputs, load_tokenizer, predict_proba,
-    sha256_file,
+    MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, predict_proba, sha256_file,
 )
 from app.manifest import Decision, Encoders, Manifest, Variant
 from training.checkpoints import checkpoint_dir
@@ -54,7 +51,7 @@ LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxru
 PARITY_BATCH_SIZE = 32
 # int8's activation ranges are taken on the first training notes: enough to cover the ranges, few enough
 # to calibrate in seconds; held-out notes stay unseen, as they judge the variant.
-CALIBRATION_NOTES, CALIBRATION_BATCH_SIZE = 256, 16
+CALIBRATION_NOTES = 256
 
 
 def export_bundle(run_dir: str | Path, out_dir: str | Path, metric: str = "auroc", name: str | None = None,
@@ -132,7 +129,7 @@ def _build(staging: Path, source: Source, name: str, version: str | None, limits
     tokenizer = load_tokenizer(staging / TOKENIZER_FILE, source.max_tokens)
     fp32_file = staging / MODEL_FILES["fp32"]
     export_method = export_fp32(source.checkpoint, fp32_file)
-    quantize_int8(fp32_file, staging / MODEL_FILES["int8"], _calibration_batches(tokenizer, source, fp32_file),
+    quantize_int8(fp32_file, staging / MODEL_FILES["int8"], tokenizer, source.parts["train"].texts[:CALIBRATION_NOTES],
                   quantize_embeddings)
     convert_fp16(fp32_file, staging / MODEL_FILES["fp16"])
 
@@ -215,13 +212,6 @@ def _measure(model_file: Path, tokenizer: Tokenizer, reference: Reference, limit
              model_file.name, variant.max_abs_diff, 100 * variant.label_agreement, drop, batch_shift,
              "" if variant.kept else " -> dropped")
     return variant
-
-
-def _calibration_batches(tokenizer: Tokenizer, source: Source, model_file: Path) -> Iterator[dict[str, np.ndarray]]:
-    input_names = {graph_input.name for graph_input in onnx.load(str(model_file), load_external_data=False).graph.input}
-    texts = source.parts["train"].texts[:CALIBRATION_NOTES]
-    return (encode_inputs(tokenizer, texts[start:start + CALIBRATION_BATCH_SIZE], input_names)
-            for start in range(0, len(texts), CALIBRATION_BATCH_SIZE))
 
 
 def _write_tokenizer(hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, out_dir: Path,

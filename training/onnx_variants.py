@@ -14,7 +14,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,7 +23,10 @@ import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.transformers.float16 import convert_float_to_float16
+from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from app.bundle import encode_inputs
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ TORCH_ONNX_OPSET = 17
 # Node names of the exported BERT-style graph (optimum and torch.onnx alike): `.../layer.3/output/dense/MatMul`
 # is layer 3's feed-forward down-projection; `.../layer.3/attention/output/dense/MatMul` does not match.
 FFN_DOWN = re.compile(r"/layer\.\d+/output/dense/")
+CALIBRATION_BATCH_SIZE = 16
 
 
 class ExportError(RuntimeError):
@@ -98,11 +102,11 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path}: {'; '.join(problems)}")
 
 
-def quantize_int8(fp32_file: Path, out_file: Path, calibration: Iterable[dict[str, np.ndarray]],
+def quantize_int8(fp32_file: Path, out_file: Path, tokenizer: Tokenizer, calibration_texts: Sequence[str],
                   quantize_embeddings: bool = True, keep_fp32: re.Pattern[str] | None = FFN_DOWN) -> None:
     """Static int8 quantization (QDQ): int8 weights with one scale per output channel, and int8 activations
-    whose scales are fixed beforehand from the value ranges seen on `calibration` batches (graph inputs,
-    e.g. training notes; MinMax).
+    whose scales are fixed beforehand from the value ranges seen on `calibration_texts` (e.g. training
+    notes, encoded with the bundle's `tokenizer`; MinMax).
 
     Static, not dynamic: dynamic quantization picks each activation's scale at run time from the whole
     batch, so a note's P(emergency) depended on the notes it shared a batch with (e5-small KTAS student:
@@ -114,6 +118,9 @@ def quantize_int8(fp32_file: Path, out_file: Path, calibration: Iterable[dict[st
     left in fp32: e5-small's 250k-token vocabulary then takes 4x less room.
     """
     graph = onnx.load(str(fp32_file), load_external_data=False).graph
+    input_names = {tensor.name for tensor in graph.input}
+    calibration = (encode_inputs(tokenizer, calibration_texts[start:start + CALIBRATION_BATCH_SIZE], input_names)
+                   for start in range(0, len(calibration_texts), CALIBRATION_BATCH_SIZE))
     kept_fp32 = [node.name for node in graph.node
                  if node.op_type == "MatMul" and keep_fp32 and keep_fp32.search(node.name)]
     if keep_fp32 and not kept_fp32:
@@ -128,8 +135,8 @@ def quantize_int8(fp32_file: Path, out_file: Path, calibration: Iterable[dict[st
 
 
 class _Batches(CalibrationDataReader):
-    def __init__(self, batches: Iterable[dict[str, np.ndarray]]) -> None:
-        self._batches = iter(batches)
+    def __init__(self, batches: Iterator[dict[str, np.ndarray]]) -> None:
+        self._batches = batches
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from app.bundle import create_session, encode_inputs, load_bundle, sha256_file
+from app.bundle import create_session, load_bundle, sha256_file
 from app.bundle import load_tokenizer as load_bundle_tokenizer
 from app.bundle import predict_proba as onnx_predict_proba
 from app.manifest import Manifest
@@ -87,12 +87,9 @@ def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle,
 def int8_file(bundle, parts, tmp_path_factory):
     """The bundle's fp32 graph quantized as the export does, calibrated on the training notes."""
     fp32_file = bundle / Manifest.model_validate_json((bundle / "manifest.json").read_text()).variants["fp32"].file
-    input_names = {tensor.name for tensor in onnx.load(str(fp32_file)).graph.input}
     tokenizer = load_bundle_tokenizer(bundle / "tokenizer.json", MAX_TOKENS)
-    texts = parts["train"].texts
     out_file = tmp_path_factory.mktemp("int8") / "int8.onnx"
-    quantize_int8(fp32_file, out_file, (encode_inputs(tokenizer, texts[i:i + 8], input_names)
-                                        for i in range(0, len(texts), 8)))
+    quantize_int8(fp32_file, out_file, tokenizer, parts["train"].texts)
     return out_file
 
 
