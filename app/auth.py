@@ -15,8 +15,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 bearer = HTTPBearer(auto_error=False, description="One of the service's api_keys, when any are set.")
 
 
-def require_api_key(request: Request,
-                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def require_api_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return
@@ -24,5 +25,6 @@ def require_api_key(request: Request,
     # Compare against every key, in constant time each, so that timing reveals nothing about a key.
     matches = [hmac.compare_digest(offered, key.encode()) for key in keys]
     if not any(matches):
-        raise HTTPException(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )

@@ -97,8 +97,16 @@ def plan_batches(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: 
 class DynamicBatcher:
     """Use as `async with DynamicBatcher(...) as batcher:`; leaving it finishes queued work, then stops."""
 
-    def __init__(self, predict: Predict, *, max_batch_size: int, max_batch_tokens: int, max_wait_ms: float,
-                 queue_capacity: int, on_batch: Callable[[BatchStats], None] | None = None) -> None:
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch_size: int,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+        queue_capacity: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -152,8 +160,9 @@ class DynamicBatcher:
             pool = await self._take_pool()
             try:
                 live = [note for note in pool if note.request.live]
-                for positions in plan_batches([len(note.ids) for note in live], self.max_batch_size,
-                                              self.max_batch_tokens):
+                for positions in plan_batches(
+                    [len(note.ids) for note in live], self.max_batch_size, self.max_batch_tokens
+                ):
                     # Re-checked per batch: a request may time out while earlier batches run.
                     batch = [live[p] for p in positions if live[p].request.live]
                     if batch:
@@ -186,7 +195,8 @@ class DynamicBatcher:
         started = time.perf_counter()
         try:
             probabilities = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._predict, [note.ids for note in batch])
+                self._executor, self._predict, [note.ids for note in batch]
+            )
         except Exception as error:  # the worker must outlive a failed batch
             logger.error("batch failed", extra={"fields": {"error": type(error).__name__, "notes": len(batch)}})
             for note in batch:

@@ -53,8 +53,9 @@ class Bundle:
         return [sum(encoding.attention_mask) for encoding in self.tokenizer.encode_batch(texts)]
 
 
-def predict_proba(session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str],
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
+def predict_proba(
+    session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE
+) -> np.ndarray:
     """P(emergency) per note; notes of similar length share a batch, which is padded to its longest note."""
     if not texts:
         return np.zeros(0, dtype=np.float32)
@@ -62,9 +63,10 @@ def predict_proba(session: ort.InferenceSession, tokenizer: Tokenizer, texts: li
     order = np.argsort([len(text) for text in texts], kind="stable")
     logits = np.zeros((len(texts), 2), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
-        positions = order[start:start + batch_size]
-        logits[positions] = session.run(["logits"], encode_inputs(tokenizer, [texts[i] for i in positions],
-                                                                  input_names))[0]
+        positions = order[start : start + batch_size]
+        logits[positions] = session.run(
+            ["logits"], encode_inputs(tokenizer, [texts[i] for i in positions], input_names)
+        )[0]
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted[:, 1] / shifted.sum(axis=1)
 
@@ -80,8 +82,9 @@ def encode_inputs(tokenizer: Tokenizer, texts: list[str], input_names: set[str])
     return {name: array for name, array in inputs.items() if name in input_names}
 
 
-def load_bundle(path: str | Path, variant: str = "auto", intra_op_threads: int | None = None,
-                providers: list[str] | None = None) -> Bundle:
+def load_bundle(
+    path: str | Path, variant: str = "auto", intra_op_threads: int | None = None, providers: list[str] | None = None
+) -> Bundle:
     """Verify and load a bundle.
 
     `variant`: fp32, int8, fp16, or auto (fp16 on CUDA if kept, else int8 on CPU if kept, else fp32).
@@ -108,8 +111,9 @@ def load_bundle(path: str | Path, variant: str = "auto", intra_op_threads: int |
     return Bundle(manifest, tokenizer, session, chosen, session.get_providers())
 
 
-def _open_variant(root: Path, manifest: Manifest, variant: str, providers: list[str],
-                  intra_op_threads: int | None) -> ort.InferenceSession:
+def _open_variant(
+    root: Path, manifest: Manifest, variant: str, providers: list[str], intra_op_threads: int | None
+) -> ort.InferenceSession:
     model_file = manifest.variants[variant].file
     _verify_sha256(root / model_file, manifest.variants[variant].sha256)
     return create_session(root / model_file, providers, intra_op_threads)
@@ -183,7 +187,9 @@ def _require_listed_files(root: Path, manifest: Manifest) -> None:
 def _verify_sha256(path: Path, expected: str) -> None:
     digest = sha256_file(path)
     if digest != expected:
-        raise BundleError(f"{path}: sha256 {digest} does not match the manifest's {expected} (file changed or corrupted)")
+        raise BundleError(
+            f"{path}: sha256 {digest} does not match the manifest's {expected} (file changed or corrupted)"
+        )
 
 
 def sha256_file(path: Path) -> str:

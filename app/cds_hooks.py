@@ -75,9 +75,12 @@ class Context(BaseModel):
     patientId: str = Field(min_length=1, description="FHIR id of the patient whose chart is open.")
     encounterId: str | None = None
     triageNoteText: str | None = Field(
-        None, min_length=1, json_schema_extra={"pattern": NON_BLANK},
+        None,
+        min_length=1,
+        json_schema_extra={"pattern": NON_BLANK},
         description="This service's own field: the triage note as plain text, for callers that cannot prefetch. "
-                    "Used instead of the prefetched note when both are given.")
+        "Used instead of the prefetched note when both are given.",
+    )
 
     @field_validator("triageNoteText")
     @classmethod
@@ -94,8 +97,10 @@ class CdsRequest(BaseModel):
     hookInstance: str = Field(min_length=1)
     context: Context
     prefetch: dict[str, Any] | None = Field(
-        None, description=f"`{PREFETCH_KEY}`: a DocumentReference or a Bundle of them; null when the patient has "
-                          f"no triage note.")
+        None,
+        description=f"`{PREFETCH_KEY}`: a DocumentReference or a Bundle of them; null when the patient has "
+        f"no triage note.",
+    )
 
 
 class Source(BaseModel):
@@ -113,14 +118,22 @@ class CdsResponse(BaseModel):
     cards: list[Card]
 
 
-DISCOVERY = Discovery(services=[CdsService(
-    hook=HOOK, id=SERVICE_ID, title="ED triage note classifier",
-    description="Estimates from the patient's latest emergency-department triage note the probability that the "
-                "patient needs emergency care, and shows it as a card: critical at or above the model's decision "
-                "threshold, info below it. Decision support for triage staff, not a diagnosis.",
-    prefetch={PREFETCH_KEY: f"DocumentReference?patient={{{{context.patientId}}}}"
-                            f"&type=http://loinc.org|{TRIAGE_NOTE_LOINC}&_sort=-date&_count=1"},
-)])
+DISCOVERY = Discovery(
+    services=[
+        CdsService(
+            hook=HOOK,
+            id=SERVICE_ID,
+            title="ED triage note classifier",
+            description="Estimates from the patient's latest emergency-department triage note the probability that the "
+            "patient needs emergency care, and shows it as a card: critical at or above the model's decision "
+            "threshold, info below it. Decision support for triage staff, not a diagnosis.",
+            prefetch={
+                PREFETCH_KEY: f"DocumentReference?patient={{{{context.patientId}}}}"
+                f"&type=http://loinc.org|{TRIAGE_NOTE_LOINC}&_sort=-date&_count=1"
+            },
+        )
+    ]
+)
 
 
 @router.get("/cds-services", response_model=Discovery, summary="CDS Hooks discovery")
@@ -129,21 +142,26 @@ async def discovery() -> Discovery:
 
 
 @router.post(
-    f"/cds-services/{SERVICE_ID}", response_model=CdsResponse, dependencies=[Depends(require_api_key)],
+    f"/cds-services/{SERVICE_ID}",
+    response_model=CdsResponse,
+    dependencies=[Depends(require_api_key)],
     summary="CDS Hooks service: a card with the classification of the patient's triage note",
     responses={
         400: {"model": ErrorResponse, "description": "Malformed request, or a prefetched note for another patient."},
         401: {"model": ErrorResponse, "description": "Missing or invalid bearer token (when api_keys are set)."},
-        412: {"model": ErrorResponse,
-              "description": f"No `{PREFETCH_KEY}` prefetch and no `context.{CONTEXT_NOTE_KEY}`."},
+        412: {
+            "model": ErrorResponse,
+            "description": f"No `{PREFETCH_KEY}` prefetch and no `context.{CONTEXT_NOTE_KEY}`.",
+        },
         413: {"model": ErrorResponse, "description": "Body, note count, note length or note tokens over the limit."},
         422: {"model": ErrorResponse, "description": "The prefetched note cannot be read (type, encoding, no text)."},
         429: {"model": ErrorResponse, "description": "Queue full; retry after Retry-After seconds."},
         503: {"model": ErrorResponse, "description": "Model not loaded, shutting down, or timed out."},
     },
 )
-async def triage_note(body: Annotated[CdsRequest, Body()], request: Request,
-                      service: Annotated[Service, Depends(ready_service)]) -> CdsResponse:
+async def triage_note(
+    body: Annotated[CdsRequest, Body()], request: Request, service: Annotated[Service, Depends(ready_service)]
+) -> CdsResponse:
     notes = notes_of(body)
     if not notes:
         return CdsResponse(cards=[])  # the patient has no triage note: nothing to say
@@ -159,16 +177,19 @@ def notes_of(body: CdsRequest) -> list[FhirNote]:
         return [FhirNote(body.context.triageNoteText, source, subject=None, encounter=None)]
     prefetch = body.prefetch or {}
     if PREFETCH_KEY not in prefetch:
-        raise HTTPException(HTTPStatus.PRECONDITION_FAILED,
-                            f"prefetch '{PREFETCH_KEY}' is missing and context.{CONTEXT_NOTE_KEY} is not given; "
-                            f"this service does not query the FHIR server itself")
+        raise HTTPException(
+            HTTPStatus.PRECONDITION_FAILED,
+            f"prefetch '{PREFETCH_KEY}' is missing and context.{CONTEXT_NOTE_KEY} is not given; "
+            f"this service does not query the FHIR server itself",
+        )
     if prefetch[PREFETCH_KEY] is None:
         return []
     notes = notes_in(validate_resource(prefetch[PREFETCH_KEY], f"prefetch.{PREFETCH_KEY}"))
     others = [position for position, note in enumerate(notes) if _about_another_patient(note, body.context.patientId)]
     if others:
-        raise HTTPException(HTTPStatus.BAD_REQUEST,
-                            f"prefetched notes at positions {others} are not about context.patientId")
+        raise HTTPException(
+            HTTPStatus.BAD_REQUEST, f"prefetched notes at positions {others} are not about context.patientId"
+        )
     return notes
 
 
@@ -184,12 +205,16 @@ def card(note: FhirNote, result: Classification, service: Service) -> Card:
     model = service.model
     emergency = result.label == "emergency"
     comparison = "≥" if emergency else "<"
-    summary = (f"Triage note suggests {'EMERGENCY' if emergency else 'non-emergency'}: "
-               f"P = {result.probability:.3f} {comparison} threshold {result.threshold:.3f}")
+    summary = (
+        f"Triage note suggests {'EMERGENCY' if emergency else 'non-emergency'}: "
+        f"P = {result.probability:.3f} {comparison} threshold {result.threshold:.3f}"
+    )
     lines = [
         f"**Probability of emergency:** {result.probability:.3f} (model estimate)",
-        (f"**Threshold:** {result.threshold:.3f}, chosen by policy `{service.bundle.manifest.decision.policy}`; "
-         f"at or above it the note is flagged as emergency."),
+        (
+            f"**Threshold:** {result.threshold:.3f}, chosen by policy `{service.bundle.manifest.decision.policy}`; "
+            f"at or above it the note is flagged as emergency."
+        ),
         f"**Model:** {model.name} {model.version}",
     ]
     if note.source.reference is not None:
@@ -197,5 +222,9 @@ def card(note: FhirNote, result: Classification, service: Service) -> Card:
     if result.truncated:
         lines.append(f"**Truncated:** only the note's first {service.classifier.max_note_tokens} tokens were read.")
     lines.append(f"*Decision support for triage staff, not a diagnosis.* {INTENDED_USE}")
-    return Card(summary=summary, detail="\n\n".join(lines), indicator="critical" if emergency else "info",
-                source=Source(label=f"ED triage classifier ({model.name} {model.version})"))
+    return Card(
+        summary=summary,
+        detail="\n\n".join(lines),
+        indicator="critical" if emergency else "info",
+        source=Source(label=f"ED triage classifier ({model.name} {model.version})"),
+    )

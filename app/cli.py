@@ -16,8 +16,9 @@ from pydantic_core import PydanticUndefined
 
 from app.settings import Settings
 
-cli = typer.Typer(help="Serve a triage model bundle over HTTP.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+cli = typer.Typer(
+    help="Serve a triage model bundle over HTTP.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
 
 
 @cli.callback()
@@ -36,8 +37,14 @@ def settings_flags(command: Callable[[Settings], Any]) -> Callable[..., Any]:
         env = f"env {Settings.model_config['env_prefix']}{name.upper()}"
         shown_default = field.default not in (PydanticUndefined, None) and field.default_factory is None
         help_text = f"{field.description} ({f'default {field.default}; ' if shown_default else ''}{env})"
-        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=Annotated[field.annotation | None, typer.Option(help=help_text)]))
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[field.annotation | None, typer.Option(help=help_text)],
+            )
+        )
 
     @functools.wraps(command)
     def with_settings(**flags: Any) -> Any:

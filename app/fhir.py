@@ -55,8 +55,7 @@ class FhirRoute(APIRoute):
             except HTTPException as error:
                 issue_code = getattr(error, "issue_code", ISSUE_CODES.get(error.status_code, "exception"))
                 add_log_fields(request, fhir_issue=issue_code)
-                return fhir_response(operation_outcome(issue_code, str(error.detail)), error.status_code,
-                                     error.headers)
+                return fhir_response(operation_outcome(issue_code, str(error.detail)), error.status_code, error.headers)
 
         return handle_with_outcome
 
@@ -64,18 +63,32 @@ class FhirRoute(APIRoute):
 router = APIRouter(route_class=FhirRoute, tags=["FHIR R4"])
 
 # Only the outline: the resources themselves are validated by fhir.resources, whose schemas run to megabytes.
-_REQUEST_SCHEMA = {"type": "object", "required": ["resourceType"],
-                   "properties": {"resourceType": {"enum": list(ACCEPTED_RESOURCES)}}}
+_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["resourceType"],
+    "properties": {"resourceType": {"enum": list(ACCEPTED_RESOURCES)}},
+}
 _EXAMPLE_NOTE = {
-    "resourceType": "DocumentReference", "id": "triage-1", "status": "current",
-    "subject": {"reference": "Patient/123"}, "context": {"encounter": [{"reference": "Encounter/456"}]},
-    "content": [{"attachment": {"contentType": "text/plain; charset=utf-8",
-                                "data": "Q0M6IGNoZXN0IHBhaW4uIEJUIDM4LjksIEhSIDE1MA=="}}],
+    "resourceType": "DocumentReference",
+    "id": "triage-1",
+    "status": "current",
+    "subject": {"reference": "Patient/123"},
+    "context": {"encounter": [{"reference": "Encounter/456"}]},
+    "content": [
+        {
+            "attachment": {
+                "contentType": "text/plain; charset=utf-8",
+                "data": "Q0M6IGNoZXN0IHBhaW4uIEJUIDM4LjksIEhSIDE1MA==",
+            }
+        }
+    ],
 }
 
 
 @router.post(
-    CLASSIFY_PATH, dependencies=[Depends(require_api_key)], response_class=Response,
+    CLASSIFY_PATH,
+    dependencies=[Depends(require_api_key)],
+    response_class=Response,
     summary="Classify FHIR triage notes; answer with RiskAssessments",
     description=(
         "Body (`application/fhir+json` or `application/json`): a **DocumentReference** (the note as a "
@@ -86,29 +99,50 @@ _EXAMPLE_NOTE = {
         f"`{OUTCOME_SYSTEM}`, `probabilityDecimal` = P(emergency), `basis` = the note's resource, `subject` and "
         "`encounter` copied from it); for a Bundle, a Bundle of type `collection` holding them in entry order.\n\n"
         "This is a type-level operation on RiskAssessment, the type it produces. Nothing is stored. Errors are "
-        "OperationOutcomes, which never quote the note."),
-    openapi_extra={"requestBody": {"required": True, "content": {
-        media_type: {"schema": _REQUEST_SCHEMA, "example": _EXAMPLE_NOTE} for media_type in ACCEPTED_CONTENT_TYPES}}},
+        "OperationOutcomes, which never quote the note."
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                media_type: {"schema": _REQUEST_SCHEMA, "example": _EXAMPLE_NOTE}
+                for media_type in ACCEPTED_CONTENT_TYPES
+            },
+        }
+    },
     responses={
-        200: {"description": "A RiskAssessment, or a Bundle (type collection) of them.",
-              "content": {FHIR_JSON: {"schema": {"type": "object"}}}},
-        **{status: {"description": description, "content": {FHIR_JSON: {"schema": {"type": "object"}}}}
-           for status, description in [
-               (400, "OperationOutcome: body not JSON, or not a valid FHIR resource (incl. bad base64)."),
-               (401, "OperationOutcome: missing or invalid bearer token (when api_keys are set)."),
-               (413, "OperationOutcome: body, note count, note length or note tokens over the limit."),
-               (415, "OperationOutcome: request Content-Type is not FHIR JSON."),
-               (422, ("OperationOutcome: unsupported resource or attachment type, no note text, no subject, "
-                      "undecodable text.")),
-               (429, "OperationOutcome: queue full; retry after Retry-After seconds."),
-               (503, "OperationOutcome: model not loaded, shutting down, or timed out.")]},
+        200: {
+            "description": "A RiskAssessment, or a Bundle (type collection) of them.",
+            "content": {FHIR_JSON: {"schema": {"type": "object"}}},
+        },
+        **{
+            status: {"description": description, "content": {FHIR_JSON: {"schema": {"type": "object"}}}}
+            for status, description in [
+                (400, "OperationOutcome: body not JSON, or not a valid FHIR resource (incl. bad base64)."),
+                (401, "OperationOutcome: missing or invalid bearer token (when api_keys are set)."),
+                (413, "OperationOutcome: body, note count, note length or note tokens over the limit."),
+                (415, "OperationOutcome: request Content-Type is not FHIR JSON."),
+                (
+                    422,
+                    (
+                        "OperationOutcome: unsupported resource or attachment type, no note text, no subject, "
+                        "undecodable text."
+                    ),
+                ),
+                (429, "OperationOutcome: queue full; retry after Retry-After seconds."),
+                (503, "OperationOutcome: model not loaded, shutting down, or timed out."),
+            ]
+        },
     },
 )
 async def classify_fhir(request: Request, service: Annotated[Service, Depends(ready_service)]) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_CONTENT_TYPES:
-        raise FhirInputError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "not-supported",
-                             f"Content-Type must be {' or '.join(ACCEPTED_CONTENT_TYPES)}")
+        raise FhirInputError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            "not-supported",
+            f"Content-Type must be {' or '.join(ACCEPTED_CONTENT_TYPES)}",
+        )
     resource = parse_resource(await request.body())
     add_log_fields(request, fhir_resource=resource.get_resource_type())
     notes = notes_in(resource)
@@ -116,15 +150,21 @@ async def classify_fhir(request: Request, service: Annotated[Service, Depends(re
         raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", "the Bundle holds no note to classify")
     missing_subject = [position for position, note in enumerate(notes) if note.subject is None]
     if missing_subject:
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required",
-                             f"notes at positions {missing_subject} have no subject: RiskAssessment.subject is "
-                             f"required and copied from DocumentReference.subject / Communication.subject")
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "required",
+            f"notes at positions {missing_subject} have no subject: RiskAssessment.subject is "
+            f"required and copied from DocumentReference.subject / Communication.subject",
+        )
     classified = await classify_texts(service, [note.text for note in notes], request)
     now = datetime.now(UTC)
     assessments = [risk_assessment(note, result, service, now) for note, result in zip(notes, classified)]
     if isinstance(resource, Bundle):
-        return fhir_response(Bundle(type="collection", timestamp=now,
-                                    entry=[BundleEntry(resource=assessment) for assessment in assessments]))
+        return fhir_response(
+            Bundle(
+                type="collection", timestamp=now, entry=[BundleEntry(resource=assessment) for assessment in assessments]
+            )
+        )
     return fhir_response(assessments[0])
 
 
@@ -132,8 +172,10 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
     model = service.model
     manifest = service.bundle.manifest
     comparison = ">=" if result.label == "emergency" else "<"
-    note_text = (f"Emergency when P(emergency) >= threshold {result.threshold:.4f} (policy: "
-                 f"{manifest.decision.policy}); here {result.probability:.4f} {comparison} {result.threshold:.4f}.")
+    note_text = (
+        f"Emergency when P(emergency) >= threshold {result.threshold:.4f} (policy: "
+        f"{manifest.decision.policy}); here {result.probability:.4f} {comparison} {result.threshold:.4f}."
+    )
     if result.truncated:
         note_text += f" The note was cut to its first {service.classifier.max_note_tokens} tokens."
     return RiskAssessment(
@@ -145,12 +187,16 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
         code=CodeableConcept(text="Emergency-department triage: needs emergency care"),
         method=CodeableConcept(
             coding=[Coding(system=MODEL_SYSTEM, code=model.name, version=model.version)],
-            text=f"Triage note classifier {model.name} {model.version}"),
-        prediction=[RiskAssessmentPrediction(
-            outcome=CodeableConcept(coding=[Coding(system=OUTCOME_SYSTEM, code=result.label, display=result.label)],
-                                    text=result.label),
-            probabilityDecimal=result.probability,
-        )],
+            text=f"Triage note classifier {model.name} {model.version}",
+        ),
+        prediction=[
+            RiskAssessmentPrediction(
+                outcome=CodeableConcept(
+                    coding=[Coding(system=OUTCOME_SYSTEM, code=result.label, display=result.label)], text=result.label
+                ),
+                probabilityDecimal=result.probability,
+            )
+        ],
         note=[Annotation(text=note_text)],
     )
 
@@ -167,6 +213,7 @@ def operation_outcome(issue_code: str, diagnostics: str) -> OperationOutcome:
     return OperationOutcome(issue=[OperationOutcomeIssue(severity="error", code=issue_code, diagnostics=diagnostics)])
 
 
-def fhir_response(resource: Resource, status_code: int = HTTPStatus.OK,
-                  headers: dict[str, str] | None = None) -> Response:
+def fhir_response(
+    resource: Resource, status_code: int = HTTPStatus.OK, headers: dict[str, str] | None = None
+) -> Response:
     return Response(resource.model_dump_json(), status_code=status_code, headers=headers, media_type=FHIR_JSON)

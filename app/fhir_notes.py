@@ -27,7 +27,9 @@ from pydantic import ValidationError
 from app.schemas import NON_BLANK
 
 NOTE_RESOURCES: dict[str, type[DocumentReference] | type[Communication]] = {
-    "DocumentReference": DocumentReference, "Communication": Communication}
+    "DocumentReference": DocumentReference,
+    "Communication": Communication,
+}
 ACCEPTED_RESOURCES = {**NOTE_RESOURCES, "Bundle": Bundle}
 BUNDLE_TYPES = ("collection", "batch", "transaction", "searchset")
 # Searchset entries that are not search results: resources included alongside them, and OperationOutcomes.
@@ -58,8 +60,9 @@ def parse_resource(body: bytes) -> Resource:
     try:
         data = json.loads(body)
     except json.JSONDecodeError as error:
-        raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure",
-                             f"body is not JSON (line {error.lineno}, column {error.colno})") from None
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST, "structure", f"body is not JSON (line {error.lineno}, column {error.colno})"
+        ) from None
     return validate_resource(data, "body")
 
 
@@ -70,16 +73,20 @@ def validate_resource(data: object, where: str) -> Resource:
         raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure", f"{where} is not a FHIR resource (no resourceType)")
     if resource_type not in ACCEPTED_RESOURCES:
         shown = repr(resource_type) if _RESOURCE_TYPE_NAME.fullmatch(resource_type) else "given"
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
-                             f"{where}: resourceType {shown} is not accepted; send a DocumentReference, a "
-                             f"Communication or a Bundle of them")
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "not-supported",
+            f"{where}: resourceType {shown} is not accepted; send a DocumentReference, a "
+            f"Communication or a Bundle of them",
+        )
     try:
         return ACCEPTED_RESOURCES[resource_type].model_validate(data)
     except ValidationError as error:
         # Location and message only: pydantic's `input` would be the note itself.
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or resource_type}: {e['msg']}" for e in error.errors())
-        raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure",
-                             f"{where}: invalid {resource_type}: {problems}") from None
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST, "structure", f"{where}: invalid {resource_type}: {problems}"
+        ) from None
 
 
 def notes_in(resource: Resource) -> list[FhirNote]:
@@ -88,16 +95,20 @@ def notes_in(resource: Resource) -> list[FhirNote]:
     if not isinstance(resource, Bundle):
         return [_note_of(resource, resource.get_resource_type(), full_url=None)]
     if resource.type not in BUNDLE_TYPES:
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
-                             f"Bundle.type must be one of {', '.join(BUNDLE_TYPES)}")
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported", f"Bundle.type must be one of {', '.join(BUNDLE_TYPES)}"
+        )
     notes = []
     for position, entry in enumerate(resource.entry or []):
         if entry.search is not None and entry.search.mode in NOT_SEARCH_MATCHES:
             continue
         where = f"Bundle.entry[{position}].resource"
         if entry.resource is None or entry.resource.get_resource_type() not in NOTE_RESOURCES:
-            raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
-                                 f"{where}: a Bundle entry must be a DocumentReference or a Communication")
+            raise FhirInputError(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                "not-supported",
+                f"{where}: a Bundle entry must be a DocumentReference or a Communication",
+            )
         notes.append(_note_of(entry.resource, where, entry.fullUrl))
     return notes
 
@@ -124,9 +135,12 @@ def _document_text(document: DocumentReference, where: str) -> str:
     for position, attachment in enumerate(attachments):
         if _media_type(attachment)[0] == NOTE_MEDIA_TYPE:
             return attachment_text(attachment, f"{where}.content[{position}].attachment")
-    raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
-                         f"{where}: no content[].attachment has contentType {NOTE_MEDIA_TYPE} (found: "
-                         f"{', '.join(_media_type(attachment)[0] or 'none' for attachment in attachments)})")
+    raise FhirInputError(
+        HTTPStatus.UNPROCESSABLE_ENTITY,
+        "not-supported",
+        f"{where}: no content[].attachment has contentType {NOTE_MEDIA_TYPE} (found: "
+        f"{', '.join(_media_type(attachment)[0] or 'none' for attachment in attachments)})",
+    )
 
 
 def _communication_text(communication: Communication, where: str) -> str:
@@ -139,8 +153,11 @@ def _communication_text(communication: Communication, where: str) -> str:
         elif payload.contentAttachment is not None and _media_type(payload.contentAttachment)[0] == NOTE_MEDIA_TYPE:
             parts.append(attachment_text(payload.contentAttachment, f"{where}.payload[{position}].contentAttachment"))
     if not parts:
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required",
-                             f"{where}: no payload holds contentString or a {NOTE_MEDIA_TYPE} contentAttachment")
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "required",
+            f"{where}: no payload holds contentString or a {NOTE_MEDIA_TYPE} contentAttachment",
+        )
     return "\n\n".join(parts)
 
 
@@ -148,18 +165,23 @@ def attachment_text(attachment: Attachment, where: str) -> str:
     """A text/plain attachment's inline `data` (base64, already decoded by fhir.resources) in its charset."""
     if attachment.data is None:
         # Fetching `url` would let a caller make this service request any address; notes must come inline.
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
-                             f"{where}: has no inline data (attachment.url is not fetched); send the note "
-                             f"base64-encoded in attachment.data")
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "not-supported",
+            f"{where}: has no inline data (attachment.url is not fetched); send the note "
+            f"base64-encoded in attachment.data",
+        )
     charset = _media_type(attachment)[1]
     try:
         return attachment.data.decode(charset)
     except LookupError:
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported",
-                             f"{where}: unknown charset in contentType") from None
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported", f"{where}: unknown charset in contentType"
+        ) from None
     except UnicodeDecodeError as error:
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "invalid",
-                             f"{where}: data is not valid {charset} (byte {error.start})") from None
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY, "invalid", f"{where}: data is not valid {charset} (byte {error.start})"
+        ) from None
 
 
 def _media_type(attachment: Attachment) -> tuple[str | None, str]:

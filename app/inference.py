@@ -23,8 +23,10 @@ class NoteClassifier:
 
     def __init__(self, bundle: Bundle, max_note_tokens: int) -> None:
         if max_note_tokens > bundle.manifest.max_input_tokens:
-            raise ValueError(f"max_note_tokens ({max_note_tokens}) exceeds the model's max_input_tokens "
-                             f"({bundle.manifest.max_input_tokens})")
+            raise ValueError(
+                f"max_note_tokens ({max_note_tokens}) exceeds the model's max_input_tokens "
+                f"({bundle.manifest.max_input_tokens})"
+            )
         self.session = bundle.session
         self.max_note_tokens = max_note_tokens
         self._pad_id = bundle.tokenizer.padding["pad_id"]
@@ -40,8 +42,10 @@ class NoteClassifier:
         self._tokenizer.enable_truncation(max_note_tokens, direction=truncation.get("direction", "right"))
 
     def encode(self, texts: list[str]) -> list[EncodedNote]:
-        return [EncodedNote(np.asarray(encoding.ids, dtype=np.int64), bool(encoding.overflowing))
-                for encoding in self._tokenizer.encode_batch(texts)]
+        return [
+            EncodedNote(np.asarray(encoding.ids, dtype=np.int64), bool(encoding.overflowing))
+            for encoding in self._tokenizer.encode_batch(texts)
+        ]
 
     def predict(self, token_ids: list[np.ndarray]) -> np.ndarray:
         """P(emergency) per note, for one batch padded to its longest note."""

@@ -26,8 +26,11 @@ WARM_UP_TEXT = "warm-up"
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="ED triage classifier", lifespan=_lifespan,
-                  description="Classifies emergency-department triage notes as emergency or non-emergency.")
+    app = FastAPI(
+        title="ED triage classifier",
+        lifespan=_lifespan,
+        description="Classifies emergency-department triage notes as emergency or non-emergency.",
+    )
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.service = None
@@ -36,8 +39,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(included)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, error_response=fhir.body_error)
-    app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics,
-                       route_paths={route.path for included in routers for route in included.routes})
+    app.add_middleware(
+        AccessLogMiddleware,
+        metrics=app.state.metrics,
+        route_paths={route.path for included in routers for route in included.routes},
+    )
     return app
 
 
@@ -50,14 +56,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     classifier = NoteClassifier(bundle, settings.max_note_tokens or bundle.manifest.max_input_tokens)
     classifier.predict([note.ids for note in classifier.encode([WARM_UP_TEXT])])
     async with DynamicBatcher(
-        classifier.predict, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-        max_wait_ms=settings.max_wait_ms, queue_capacity=settings.queue_capacity, on_batch=metrics.observe_batch,
+        classifier.predict,
+        max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_wait_ms=settings.max_wait_ms,
+        queue_capacity=settings.queue_capacity,
+        on_batch=metrics.observe_batch,
     ) as batcher:
         metrics.track_queue_depth(lambda: batcher.queue_depth)
         app.state.service = Service(settings, bundle, classifier, batcher)
-        logger.info("model ready", extra={"fields": {
-            "model": app.state.service.model.name, "version": bundle.manifest.version, "variant": bundle.variant,
-            "providers": bundle.providers, "load_s": round(time.perf_counter() - started, 3)}})
+        logger.info(
+            "model ready",
+            extra={
+                "fields": {
+                    "model": app.state.service.model.name,
+                    "version": bundle.manifest.version,
+                    "variant": bundle.variant,
+                    "providers": bundle.providers,
+                    "load_s": round(time.perf_counter() - started, 3),
+                }
+            },
+        )
         try:
             yield
         finally:

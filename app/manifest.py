@@ -30,17 +30,25 @@ class Variant(Strict):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int
-    kept: bool = Field(description="In the bundle; a variant that failed its checks is listed with its figures, "
-                                   "but its file is deleted.")
-    max_abs_diff: float | None = Field(description="Largest |P_onnx - P_torch| on held-out notes "
-                                                   "(None: could not be run on the CPU provider, see note).")
-    label_agreement: float | None = Field(description="Fraction of held-out notes given the same label as "
-                                                      "PyTorch at the decision threshold.")
+    kept: bool = Field(
+        description="In the bundle; a variant that failed its checks is listed with its figures, "
+        "but its file is deleted."
+    )
+    max_abs_diff: float | None = Field(
+        description="Largest |P_onnx - P_torch| on held-out notes "
+        "(None: could not be run on the CPU provider, see note)."
+    )
+    label_agreement: float | None = Field(
+        description="Fraction of held-out notes given the same label as PyTorch at the decision threshold."
+    )
     valid_auroc: float | None
     auroc_drop: float | None = Field(description="Validation AUROC of PyTorch minus this variant's.")
-    batch_shift: float | None = Field(None, description="Largest |P(note scored alone) - P(same note scored in a "
-                                                    "batch of 32)| on held-out notes: how much a note's result "
-                                                    "depends on the notes batched with it (None: not measured).")
+    batch_shift: float | None = Field(
+        None,
+        description="Largest |P(note scored alone) - P(same note scored in a "
+        "batch of 32)| on held-out notes: how much a note's result "
+        "depends on the notes batched with it (None: not measured).",
+    )
     note: str | None = Field(None, description="Why the variant was dropped or not evaluated.")
 
 

@@ -16,17 +16,32 @@ BATCH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("triage_http_requests", "HTTP requests by route and status.",
-                                ["route", "status"], registry=self.registry)
-        self.latency = Histogram("triage_http_request_duration_seconds", "HTTP request latency by route.",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "triage_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "triage_http_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.notes = Counter("triage_notes_classified", "Notes classified.", registry=self.registry)
-        self.batch_size = Histogram("triage_batch_size", "Notes per model run.",
-                                    buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
-        self.batch_tokens = Histogram("triage_batch_padded_tokens", "Padded tokens (notes x longest) per model run.",
-                                      buckets=BATCH_TOKEN_BUCKETS, registry=self.registry)
-        self.inference_seconds = Histogram("triage_inference_duration_seconds", "Time of one model run.",
-                                           buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch_size = Histogram(
+            "triage_batch_size", "Notes per model run.", buckets=BATCH_SIZE_BUCKETS, registry=self.registry
+        )
+        self.batch_tokens = Histogram(
+            "triage_batch_padded_tokens",
+            "Padded tokens (notes x longest) per model run.",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_seconds = Histogram(
+            "triage_inference_duration_seconds",
+            "Time of one model run.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("triage_queue_depth", "Notes waiting for the model.", registry=self.registry)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:

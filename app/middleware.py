@@ -54,8 +54,16 @@ class AccessLogMiddleware:
             await self.app(scope, receive, send_with_id)
         except Exception as error:
             frame = traceback.extract_tb(error.__traceback__)[-1]
-            logger.error("unhandled error", extra={"fields": {
-                "request_id": request_id, "error": type(error).__name__, "at": f"{frame.filename}:{frame.lineno}"}})
+            logger.error(
+                "unhandled error",
+                extra={
+                    "fields": {
+                        "request_id": request_id,
+                        "error": type(error).__name__,
+                        "at": f"{frame.filename}:{frame.lineno}",
+                    }
+                },
+            )
             if status is None:
                 await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send_with_id)
             status = 500
@@ -63,9 +71,19 @@ class AccessLogMiddleware:
         seconds = time.perf_counter() - started
         route = scope["path"] if scope["path"] in self.route_paths else "other"
         self.metrics.observe_request(route, status, seconds)
-        logger.info("request", extra={"fields": {
-            "request_id": request_id, "method": scope["method"], "route": route, "status": status,
-            "duration_ms": round(seconds * 1000, 2), **state.get("log_fields", {})}})
+        logger.info(
+            "request",
+            extra={
+                "fields": {
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                    **state.get("log_fields", {}),
+                }
+            },
+        )
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
@@ -126,7 +144,8 @@ class BodyLimitMiddleware:
             body.decode("utf-8")
         except UnicodeDecodeError as error:
             await self.error_response(scope["path"], 400, f"request body is not valid UTF-8 (byte {error.start})")(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
         await self.app(scope, _replay(body, receive), send)
 

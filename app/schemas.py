@@ -16,10 +16,17 @@ EXAMPLE_NOTE = "3세 남아 보호자 동반 내원. CC: seizure. BT 38.9, HR 15
 class Note(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"id": "a1", "text": EXAMPLE_NOTE}]})
 
-    id: str | None = Field(None, min_length=1, max_length=128,
-                           description="Caller's id for the note, echoed back (default: its position, from 0).")
-    text: str = Field(min_length=1, json_schema_extra={"pattern": NON_BLANK},
-                      description="The triage note; must hold a non-whitespace character.")
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Caller's id for the note, echoed back (default: its position, from 0).",
+    )
+    text: str = Field(
+        min_length=1,
+        json_schema_extra={"pattern": NON_BLANK},
+        description="The triage note; must hold a non-whitespace character.",
+    )
 
     @field_validator("text")
     @classmethod
@@ -30,18 +37,29 @@ class Note(BaseModel):
 
 
 class NotesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"notes": [{"id": "a1", "text": EXAMPLE_NOTE}, {"id": "a2", "text": "CC: medication refill. BT 36.6"}]}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"notes": [{"id": "a1", "text": EXAMPLE_NOTE}, {"id": "a2", "text": "CC: medication refill. BT 36.6"}]}
+            ]
+        },
+    )
 
-    notes: list[Note] = Field(min_length=1, description="Notes to classify; results come back in this order. "
-                                                        "Ids must be unique, counting a missing id as the position.")
+    notes: list[Note] = Field(
+        min_length=1,
+        description="Notes to classify; results come back in this order. "
+        "Ids must be unique, counting a missing id as the position.",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> NotesRequest:
         ids = result_ids(self.notes)
         if len(set(ids)) < len(ids):
-            raise ValueError("note ids must be unique within a request (a note without an id is known by its "
-                             "position: \"0\", \"1\", ...)")
+            raise ValueError(
+                "note ids must be unique within a request (a note without an id is known by its "
+                'position: "0", "1", ...)'
+            )
         return self
 
 
@@ -79,10 +97,18 @@ class ModelRef(BaseModel):
 
 
 class ClassifyResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{
-        "model": {"name": "triage-dsgkd", "version": "1.0.0"},
-        "results": [{"id": "a1", "label": "emergency", "probability": 0.93, "threshold": 0.41, "truncated": False}],
-    }]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": {"name": "triage-dsgkd", "version": "1.0.0"},
+                    "results": [
+                        {"id": "a1", "label": "emergency", "probability": 0.93, "threshold": 0.41, "truncated": False}
+                    ],
+                }
+            ]
+        }
+    )
 
     model: ModelRef
     results: list[NoteResult] = Field(description="One result per note, in request order.")

@@ -14,31 +14,45 @@ class Settings(BaseSettings):
 
     bundle: Path = Field(description="Model bundle directory written by `python -m training export`.")
     variant: Literal["auto", "fp32", "int8", "fp16"] = Field(
-        "auto", description="ONNX variant: auto picks fp16 on CUDA, else int8, falling back to fp32.")
+        "auto", description="ONNX variant: auto picks fp16 on CUDA, else int8, falling back to fp32."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 inside a container).")
     port: int = Field(8000, ge=1, le=65535, description="TCP port to listen on.")
     max_batch_size: int = Field(32, gt=0, description="Most notes the model runs at once.")
     max_batch_tokens: int = Field(
-        8192, gt=0, description="Most padded tokens (notes x longest note) the model runs at once.")
+        8192, gt=0, description="Most padded tokens (notes x longest note) the model runs at once."
+    )
     max_wait_ms: float = Field(
-        5.0, ge=0, description="How long the batcher waits for more notes after the first one before running; "
-        "only while requests arrive concurrently (a lone request runs at once).")
+        5.0,
+        ge=0,
+        description="How long the batcher waits for more notes after the first one before running; "
+        "only while requests arrive concurrently (a lone request runs at once).",
+    )
     queue_capacity: int = Field(
-        1024, gt=0, description="Notes that may wait for the model; a request that does not fit gets 429.")
+        1024, gt=0, description="Notes that may wait for the model; a request that does not fit gets 429."
+    )
     request_timeout_s: float = Field(
-        30.0, gt=0, description="A request still waiting for the model after this long gets 503.")
+        30.0, gt=0, description="A request still waiting for the model after this long gets 503."
+    )
     max_notes_per_request: int = Field(64, gt=0, description="Most notes in one request (413 beyond).")
-    max_note_chars: int = Field(20_000, gt=0, description="Most characters in one note (413 beyond, even with truncate).")
+    max_note_chars: int = Field(
+        20_000, gt=0, description="Most characters in one note (413 beyond, even with truncate)."
+    )
     max_note_tokens: int | None = Field(
-        None, gt=0, description="Most tokens in one note (default: the bundle's max_input_tokens).")
+        None, gt=0, description="Most tokens in one note (default: the bundle's max_input_tokens)."
+    )
     truncate: bool = Field(
-        False, description="Truncate notes over max_note_tokens (and say so per note) instead of answering 413.")
+        False, description="Truncate notes over max_note_tokens (and say so per note) instead of answering 413."
+    )
     intra_op_threads: int | None = Field(
-        None, gt=0, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice).")
+        None, gt=0, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, repr=False,
+        default_factory=list,
+        repr=False,
         description="Bearer tokens accepted by /classify, /v1/model and /metrics; none set = no auth. "
-                    "Environment: comma-separated.")
+        "Environment: comma-separated.",
+    )
     max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body in bytes (413 beyond).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     model_name: str | None = Field(None, description="Model name reported in responses (default: the bundle's).")
@@ -53,9 +67,13 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_limits_fit(self) -> Settings:
         if self.max_notes_per_request > self.queue_capacity:
-            raise ValueError(f"max_notes_per_request ({self.max_notes_per_request}) exceeds queue_capacity "
-                             f"({self.queue_capacity}): a full request could never be queued")
+            raise ValueError(
+                f"max_notes_per_request ({self.max_notes_per_request}) exceeds queue_capacity "
+                f"({self.queue_capacity}): a full request could never be queued"
+            )
         if self.max_note_tokens is not None and self.max_note_tokens > self.max_batch_tokens:
-            raise ValueError(f"max_note_tokens ({self.max_note_tokens}) exceeds max_batch_tokens "
-                             f"({self.max_batch_tokens}): a longest note would fit in no batch")
+            raise ValueError(
+                f"max_note_tokens ({self.max_note_tokens}) exceeds max_batch_tokens "
+                f"({self.max_batch_tokens}): a longest note would fit in no batch"
+            )
         return self

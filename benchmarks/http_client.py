@@ -62,8 +62,9 @@ class HttpClient:
         if parts.scheme != "http" or parts.hostname != ALLOWED_HOST or parts.port is None:
             raise ValueError(f"{url}: only http://{ALLOWED_HOST}:PORT/... targets are allowed")
         self._address = (parts.hostname, parts.port)
-        self._head_start = (f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                            "Content-Type: application/json\r\n").encode()
+        self._head_start = (
+            f"POST {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        ).encode()
         self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[_Connection] = []

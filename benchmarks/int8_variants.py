@@ -42,22 +42,30 @@ Quantize = Callable[[Path, Path, Tokenizer, list[str]], None]
 def static(keep_ffn_down: bool) -> Quantize:
     def quantize(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: list[str]) -> None:
         quantize_int8(fp32, out, tokenizer, calibration_texts, keep_fp32=FFN_DOWN if keep_ffn_down else None)
+
     return quantize
 
 
 def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
     """Dynamic int8 (activation scales from each batch at run time); `fused`: ORT's BERT fusions first, so
     that attention is quantized as one QAttention op."""
+
     def quantize(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: list[str]) -> None:
         source = fp32
         if fused:
             source = out.with_suffix(".fused.onnx")
             optimizer.optimize_model(str(fp32), model_type="bert", opt_level=0).save_model_to_file(str(source))
         matmuls = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node if n.op_type == "MatMul"]
-        quantize_dynamic(source, out, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm", "Gather", *(["Attention"] if fused else [])],
-                         nodes_to_exclude=[n for n in matmuls if keep_ffn_down and FFN_DOWN.search(n)],
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            source,
+            out,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm", "Gather", *(["Attention"] if fused else [])],
+            nodes_to_exclude=[n for n in matmuls if keep_ffn_down and FFN_DOWN.search(n)],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
     return quantize
 
 
@@ -71,7 +79,7 @@ WAYS: dict[str, Quantize] = {
 
 
 def median_seconds(sessions: dict, tokenizer, texts: list[str], batch_size: int, repeats: int) -> dict[str, float]:
-    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for session in sessions.values():
         predict_proba(session, tokenizer, batches[0], batch_size)  # warm-up
@@ -112,19 +120,23 @@ def main() -> None:
         test = parts["test"].texts
         seconds = {size: median_seconds(sessions, tokenizer, test, size, args.repeats) for size in (1, 32)}
 
-        print(f"run {args.run}; PyTorch validation AUROC {torch_auroc:.4f} on {len(valid)} notes; {len(held_out)} "
-              f"held-out notes; {len(test)} test notes timed; ORT threads {args.threads}; median of {args.repeats}; "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+        print(
+            f"run {args.run}; PyTorch validation AUROC {torch_auroc:.4f} on {len(valid)} notes; {len(held_out)} "
+            f"held-out notes; {len(test)} test notes timed; ORT threads {args.threads}; median of {args.repeats}; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
+        )
         print("| way | AUROC drop | max abs dP | mean abs dP | batch shift | MB | notes/s @1 | notes/s @32 |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, session in sessions.items():
             probs = predict_proba(session, tokenizer, held_out, 32)
             shift = np.abs(predict_proba(session, tokenizer, held_out, 1) - probs).max()
-            drop = torch_auroc - roc_auc_score(valid.labels, probs[:len(valid)])
+            drop = torch_auroc - roc_auc_score(valid.labels, probs[: len(valid)])
             dp = np.abs(probs - reference)
-            print(f"| {name} | {drop:+.4f} | {dp.max():.4f} | {dp.mean():.4f} | {shift:.4f} | "
-                  f"{files[name].stat().st_size / 1e6:.0f} | {len(test) / seconds[1][name]:.1f} | "
-                  f"{len(test) / seconds[32][name]:.1f} |")
+            print(
+                f"| {name} | {drop:+.4f} | {dp.max():.4f} | {dp.mean():.4f} | {shift:.4f} | "
+                f"{files[name].stat().st_size / 1e6:.0f} | {len(test) / seconds[1][name]:.1f} | "
+                f"{len(test) / seconds[32][name]:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def random_word_index(shape: LossShape, generator: torch.Generator) -> torch.Ten
         gaps = torch.sort(torch.randint(0, free + 1, (shape.words,), generator=generator)).values
         starts = 1 + gaps + torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
         for word, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
-            row[start:start + length] = word
+            row[start : start + length] = word
     return index
 
 
@@ -152,9 +152,13 @@ def loss_section(shape: LossShape, repeats: int, loop_repeats: int, original_loo
     best_loop = median_seconds(
         step(lambda: looped_loss(loss, inputs, shape.batch, split_notes_first=True)), loop_repeats
     )
-    original_loop = median_seconds(
-        step(lambda: looped_loss(loss, inputs, original_loop_notes, split_notes_first=False)), loop_repeats
-    ) * shape.batch / original_loop_notes
+    original_loop = (
+        median_seconds(
+            step(lambda: looped_loss(loss, inputs, original_loop_notes, split_notes_first=False)), loop_repeats
+        )
+        * shape.batch
+        / original_loop_notes
+    )
 
     print("== 1. loss: forward + backward ==")
     print(
@@ -210,17 +214,22 @@ def step_section(student: str, teacher: str, batch_size: int, repeats: int, free
         return median_seconds(run, repeats)
 
     base = timed(CrossEntropyObjective(tokenizer, model_args.max_length), "sdpa")
-    times = {"base (sdpa attention)": base,
-             "base (eager attention)": timed(CrossEntropyObjective(tokenizer, model_args.max_length), "eager")}
+    times = {
+        "base (sdpa attention)": base,
+        "base (eager attention)": timed(CrossEntropyObjective(tokenizer, model_args.max_length), "eager"),
+    }
     for cache in (False, True):
         probe = load_student(student, attn_implementation="eager")
-        objective = build_distill_objective("mlkd", probe, tokenizer, model_args, DistillArguments(teacher_cache=cache),
-                                            notes, torch.device("cpu"))
+        objective = build_distill_objective(
+            "mlkd", probe, tokenizer, model_args, DistillArguments(teacher_cache=cache), notes, torch.device("cpu")
+        )
         times[f"mlkd, teacher {'cache' if cache else 'live'}"] = timed(objective, "eager")
 
     print("\n== 2. training step: forward + backward + AdamW ==")
-    print(f"student {student}, teacher {teacher}, batch {batch_size} real KTAS notes, {repeats} timed steps each, "
-          f"word embedding {'frozen' if freeze_embeddings else 'trained'}")
+    print(
+        f"student {student}, teacher {teacher}, batch {batch_size} real KTAS notes, {repeats} timed steps each, "
+        f"word embedding {'frozen' if freeze_embeddings else 'trained'}"
+    )
     print(f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name, seconds in times.items():
         print(f"{name:28s} median {seconds * 1000:8.0f} ms   {seconds / base:5.2f}x base")
@@ -232,7 +241,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of the vectorized loss")
     parser.add_argument("--loop-repeats", type=int, default=3, help="timed runs of each loop (slow)")
     parser.add_argument(
-        "--original-loop-notes", type=int, default=1,
+        "--original-loop-notes",
+        type=int,
+        default=1,
         help="notes timed with the original loop (its cost per note is constant), scaled to the batch",
     )
     parser.add_argument("--sections", default="loss,step", help="comma-separated: loss, step")
@@ -240,8 +251,11 @@ def main() -> None:
     parser.add_argument("--teacher", default="minilm-l6", help="teacher of the step section")
     parser.add_argument("--step-batch", type=int, default=16, help="notes per step in the step section")
     parser.add_argument("--step-repeats", type=int, default=5, help="timed steps per configuration")
-    parser.add_argument("--train-embeddings", action="store_true",
-                        help="also train the word embedding (the e5 recipe freezes it: --freeze-embeddings)")
+    parser.add_argument(
+        "--train-embeddings",
+        action="store_true",
+        help="also train the word embedding (the e5 recipe freezes it: --freeze-embeddings)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sections = args.sections.split(",")

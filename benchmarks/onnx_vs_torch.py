@@ -54,13 +54,15 @@ def torch_engine(checkpoint: Path, max_tokens: int) -> tuple[Predict, Predict]:
 def onnx_engine(bundle: Path, model_file: str, max_tokens: int, threads: int) -> tuple[Predict, Predict]:
     session = create_session(bundle / model_file, ["CPUExecutionProvider"], intra_op_threads=threads)
     tokenizer = load_tokenizer(bundle / "tokenizer.json", max_tokens)
-    return (lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=len(texts)),
-            lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=GOAL_BATCH))
+    return (
+        lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=len(texts)),
+        lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=GOAL_BATCH),
+    )
 
 
 def notes_per_second(engines: dict[str, Predict], texts: list[str], batch_size: int, repeats: int) -> dict[str, float]:
     """Median over `repeats` of the throughput on all `texts`; engines take turns within each repeat."""
-    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     seconds: dict[str, list[float]] = {name: [] for name in engines}
     for predict in engines.values():
         predict(batches[0])  # warm-up
@@ -81,8 +83,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="Threads of PyTorch and of ONNX Runtime.")
-    parser.add_argument("--variants", nargs="+", default=["fp32", "int8"],
-                        help="ONNX variants to time (fp16 is meant for GPUs and is slow on the CPU provider).")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["fp32", "int8"],
+        help="ONNX variants to time (fp16 is meant for GPUs and is slow on the CPU provider).",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -100,31 +106,44 @@ def main() -> None:
             sizes[f"ONNX {name}"] = variant.size_bytes
 
     aurocs = {name: roc_auc_score(test.labels, predict_all(test.texts)) for name, (_, predict_all) in engines.items()}
-    throughput = {size: notes_per_second({n: e[0] for n, e in engines.items()}, test.texts, size, args.repeats)
-                  for size in args.batch_sizes}
+    throughput = {
+        size: notes_per_second({n: e[0] for n, e in engines.items()}, test.texts, size, args.repeats)
+        for size in args.batch_sizes
+    }
 
     torch_name = "PyTorch eager fp32"
     tokenizer = load_tokenizer(args.bundle / "tokenizer.json", max_tokens)
     tokens = [sum(e.attention_mask) for e in tokenizer.encode_batch(test.texts)]
-    print(f"{len(test)} test notes of {args.run} ({np.median(tokens):.0f} tokens median, {max(tokens)} max), "
-          f"{args.threads} threads, median of {args.repeats} repeats; torch {torch.__version__}.\n")
-    print("| engine | file (MB) | test AUROC | AUROC drop | "
-          + " | ".join(f"notes/s @{b}" for b in args.batch_sizes) + f" | speed-up @{args.batch_sizes[-1]} |")
+    print(
+        f"{len(test)} test notes of {args.run} ({np.median(tokens):.0f} tokens median, {max(tokens)} max), "
+        f"{args.threads} threads, median of {args.repeats} repeats; torch {torch.__version__}.\n"
+    )
+    print(
+        "| engine | file (MB) | test AUROC | AUROC drop | "
+        + " | ".join(f"notes/s @{b}" for b in args.batch_sizes)
+        + f" | speed-up @{args.batch_sizes[-1]} |"
+    )
     print("| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in args.batch_sizes) + " | ---: |")
     last = args.batch_sizes[-1]
     for name in engines:
         speeds = " | ".join(f"{throughput[b][name]:.1f}" for b in args.batch_sizes)
-        print(f"| {name} | {sizes[name] / 1e6:.1f} | {aurocs[name]:.4f} | {aurocs[torch_name] - aurocs[name]:+.4f} | "
-              f"{speeds} | {throughput[last][name] / throughput[last][torch_name]:.2f}x |")
+        print(
+            f"| {name} | {sizes[name] / 1e6:.1f} | {aurocs[name]:.4f} | {aurocs[torch_name] - aurocs[name]:+.4f} | "
+            f"{speeds} | {throughput[last][name] / throughput[last][torch_name]:.2f}x |"
+        )
 
     if "ONNX int8" in engines and GOAL_BATCH in args.batch_sizes:
         speedup = throughput[GOAL_BATCH]["ONNX int8"] / throughput[GOAL_BATCH][torch_name]
         drop = aurocs[torch_name] - aurocs["ONNX int8"]
         met = speedup >= GOAL_SPEEDUP and drop <= GOAL_AUROC_DROP
-        print(f"\nGoal (int8 >= {GOAL_SPEEDUP}x PyTorch at batch {GOAL_BATCH}, AUROC drop <= {GOAL_AUROC_DROP}): "
-              f"{'met' if met else 'NOT met'} ({speedup:.2f}x, drop {drop:+.4f}).")
-    print("\nManifest parity (held-out notes):", json.dumps(
-        {name: {"max_abs_diff": v.max_abs_diff, "kept": v.kept} for name, v in manifest.variants.items()}))
+        print(
+            f"\nGoal (int8 >= {GOAL_SPEEDUP}x PyTorch at batch {GOAL_BATCH}, AUROC drop <= {GOAL_AUROC_DROP}): "
+            f"{'met' if met else 'NOT met'} ({speedup:.2f}x, drop {drop:+.4f})."
+        )
+    print(
+        "\nManifest parity (held-out notes):",
+        json.dumps({name: {"max_abs_diff": v.max_abs_diff, "kept": v.kept} for name, v in manifest.variants.items()}),
+    )
 
 
 if __name__ == "__main__":

@@ -107,10 +107,17 @@ class Cell:
 
 def merge(slices: list[Cell]) -> Cell:
     first = slices[0]
-    return Cell(first.server, first.concurrency, sum(c.seconds for c in slices),
-                np.concatenate([c.latencies_ms for c in slices]), sum((c.errors for c in slices), Counter()),
-                sum(c.client_cpu_s for c in slices), sum(c.server_cpu_s for c in slices),
-                sum(c.batch_notes for c in slices), sum(c.batch_runs for c in slices))
+    return Cell(
+        first.server,
+        first.concurrency,
+        sum(c.seconds for c in slices),
+        np.concatenate([c.latencies_ms for c in slices]),
+        sum((c.errors for c in slices), Counter()),
+        sum(c.client_cpu_s for c in slices),
+        sum(c.server_cpu_s for c in slices),
+        sum(c.batch_notes for c in slices),
+        sum(c.batch_runs for c in slices),
+    )
 
 
 @dataclass(frozen=True)
@@ -139,12 +146,30 @@ def server_specs(bundle: Path, variant: str, checkpoint: Path, threads: int) -> 
     specs = [
         ServerSpec(f"service-{variant}", service_argv(bundle, variant, threads), threads, SERVICE_METRICS_PATH),
         ServerSpec("service-fp32", service_argv(bundle, "fp32", threads), threads, SERVICE_METRICS_PATH),
-        ServerSpec(f"service-{variant}-batch1", [*service_argv(bundle, variant, threads), "--max-batch-size", "1"],
-                   threads, SERVICE_METRICS_PATH),
-        ServerSpec(f"onnx-threadpool-{variant}", [PYTHON, "-m", "benchmarks.peers.onnx_threadpool", *onnx_peer],
-                   threads),
-        ServerSpec("torch-eager", [PYTHON, "-m", "benchmarks.peers.torch_eager", "--checkpoint", str(checkpoint),
-                                   "--max-tokens", str(max_tokens), "--threads", str(threads)], threads),
+        ServerSpec(
+            f"service-{variant}-batch1",
+            [*service_argv(bundle, variant, threads), "--max-batch-size", "1"],
+            threads,
+            SERVICE_METRICS_PATH,
+        ),
+        ServerSpec(
+            f"onnx-threadpool-{variant}", [PYTHON, "-m", "benchmarks.peers.onnx_threadpool", *onnx_peer], threads
+        ),
+        ServerSpec(
+            "torch-eager",
+            [
+                PYTHON,
+                "-m",
+                "benchmarks.peers.torch_eager",
+                "--checkpoint",
+                str(checkpoint),
+                "--max-tokens",
+                str(max_tokens),
+                "--threads",
+                str(threads),
+            ],
+            threads,
+        ),
         ServerSpec(f"litserve-{variant}", [PYTHON, "-m", "benchmarks.peers.litserve_onnx", *onnx_peer], threads),
     ]
     return {spec.name: spec for spec in specs}  # with variant fp32, service-fp32 appears once
@@ -157,7 +182,7 @@ def model_ceiling(bundle: Path, variant: str, threads: int, notes: list[str], se
     token_ids = [note.ids for note in classifier.encode(notes)]
     rates = {}
     for size in CEILING_BATCH_SIZES:
-        batches = itertools.cycle(token_ids[start:start + size] for start in range(0, len(token_ids) - size, size))
+        batches = itertools.cycle(token_ids[start : start + size] for start in range(0, len(token_ids) - size, size))
         classifier.predict(next(batches))
         done, started = 0, time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -173,8 +198,9 @@ def batch_totals(metrics_url: str) -> tuple[float, float]:
     return samples["triage_batch_size_sum"], samples["triage_batch_size_count"]
 
 
-async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: int, seconds: float,
-                      max_requests: int) -> Cell:
+async def closed_loop(
+    server: str, url: str, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int
+) -> Cell:
     """`concurrency` clients sending back to back until `seconds` have passed or `max_requests` were sent."""
     latencies_ms: list[float] = []
     errors: Counter[str] = Counter()
@@ -201,19 +227,23 @@ async def closed_loop(server: str, url: str, bodies: list[bytes], concurrency: i
     return Cell(server, concurrency, elapsed, np.array(latencies_ms), errors, client_cpu_s)
 
 
-def measure_slice(server: RunningServer, bodies: list[bytes], concurrency: int, seconds: float,
-                  max_requests: int) -> Cell:
+def measure_slice(
+    server: RunningServer, bodies: list[bytes], concurrency: int, seconds: float, max_requests: int
+) -> Cell:
     batches_before = batch_totals(server.metrics_url) if server.metrics_url else (math.nan, math.nan)
     cpu_before = group_cpu_seconds(server.pid)
     cell = asyncio.run(closed_loop(server.name, server.url, bodies, concurrency, seconds, max_requests))
-    batch_notes, batch_runs = (np.subtract(batch_totals(server.metrics_url), batches_before) if server.metrics_url
-                               else batches_before)
-    return replace(cell, server_cpu_s=group_cpu_seconds(server.pid) - cpu_before, batch_notes=batch_notes,
-                   batch_runs=batch_runs)
+    batch_notes, batch_runs = (
+        np.subtract(batch_totals(server.metrics_url), batches_before) if server.metrics_url else batches_before
+    )
+    return replace(
+        cell, server_cpu_s=group_cpu_seconds(server.pid) - cpu_before, batch_notes=batch_notes, batch_runs=batch_runs
+    )
 
 
-def measure_all(specs: list[ServerSpec], bodies: list[bytes], probe_text: str, args: argparse.Namespace,
-                log_dir: Path) -> list[Cell]:
+def measure_all(
+    specs: list[ServerSpec], bodies: list[bytes], probe_text: str, args: argparse.Namespace, log_dir: Path
+) -> list[Cell]:
     """Start every server (each paused while it is not measured), warm each up, then measure in
     --rounds rounds, each giving every server a 1/rounds slice of every cell; the server order flips
     from round to round. Other work on the machine then weighs on all servers alike."""
@@ -223,33 +253,41 @@ def measure_all(specs: list[ServerSpec], bodies: list[bytes], probe_text: str, a
         for spec in specs:
             servers.append(server := stack.enter_context(running_server(spec, log_dir, probe_text)))
             with resumed(server):
-                asyncio.run(closed_loop(server.name, server.url, bodies, WARM_UP_CONCURRENCY, args.warmup_seconds,
-                                        args.max_requests))
+                asyncio.run(
+                    closed_loop(
+                        server.name, server.url, bodies, WARM_UP_CONCURRENCY, args.warmup_seconds, args.max_requests
+                    )
+                )
             _progress(f"{spec.name}: ready and warmed up (pid {server.pid}); load average {os.getloadavg()[0]:.2f}")
         for round_number in range(args.rounds):
             for concurrency in args.concurrency:
                 for server in servers if round_number % 2 == 0 else reversed(servers):
                     with resumed(server):
-                        cell = measure_slice(server, bodies, concurrency, args.seconds / args.rounds,
-                                             args.max_requests)
+                        cell = measure_slice(server, bodies, concurrency, args.seconds / args.rounds, args.max_requests)
                     slices[server.name, concurrency].append(cell)
-                    _progress(f"round {round_number + 1}/{args.rounds} {server.name} c={concurrency}: "
-                              f"{cell.notes_per_s:.1f} notes/s, p99 {cell.latency_ms(99):.1f} ms, "
-                              f"errors {sum(cell.errors.values())}; load average {os.getloadavg()[0]:.2f}")
+                    _progress(
+                        f"round {round_number + 1}/{args.rounds} {server.name} c={concurrency}: "
+                        f"{cell.notes_per_s:.1f} notes/s, p99 {cell.latency_ms(99):.1f} ms, "
+                        f"errors {sum(cell.errors.values())}; load average {os.getloadavg()[0]:.2f}"
+                    )
     return [merge(cells) for cells in slices.values()]
 
 
 def markdown_table(cells: list[Cell]) -> str:
-    header = ("| server | concurrency | req/s | notes/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
-              "| server CPU ms/note | client CPU |")
+    header = (
+        "| server | concurrency | req/s | notes/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
+        "| server CPU ms/note | client CPU |"
+    )
     lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for cell in cells:
         errors = sum(cell.errors.values())
         error_text = f"{errors} ({', '.join(f'{kind}: {n}' for kind, n in cell.errors.items())})" if errors else "0"
-        lines.append(f"| {cell.server} | {cell.concurrency} | {cell.requests_per_s:.1f} | {cell.notes_per_s:.1f} | "
-                     f"{cell.latency_ms(50):.1f} | {cell.latency_ms(95):.1f} | {cell.latency_ms(99):.1f} | "
-                     f"{error_text} | {'-' if math.isnan(cell.mean_batch) else f'{cell.mean_batch:.1f}'} | "
-                     f"{cell.server_cpu_ms_per_note:.1f} | {cell.client_cpu_s / cell.seconds:.0%} |")
+        lines.append(
+            f"| {cell.server} | {cell.concurrency} | {cell.requests_per_s:.1f} | {cell.notes_per_s:.1f} | "
+            f"{cell.latency_ms(50):.1f} | {cell.latency_ms(95):.1f} | {cell.latency_ms(99):.1f} | "
+            f"{error_text} | {'-' if math.isnan(cell.mean_batch) else f'{cell.mean_batch:.1f}'} | "
+            f"{cell.server_cpu_ms_per_note:.1f} | {cell.client_cpu_s / cell.seconds:.0%} |"
+        )
     return "\n".join(lines)
 
 
@@ -263,17 +301,21 @@ def ratio_lines(cells: list[Cell], roles: Roles) -> list[str]:
     for name in roles.no_batching:
         if name in at:
             gain = service.notes_per_s / at[name].notes_per_s
-            lines.append(f"- {roles.service} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s "
-                         f"(goal >= {GOAL_BATCHING_GAIN:g}x: {'met' if gain >= GOAL_BATCHING_GAIN else 'NOT met'})")
+            lines.append(
+                f"- {roles.service} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s "
+                f"(goal >= {GOAL_BATCHING_GAIN:g}x: {'met' if gain >= GOAL_BATCHING_GAIN else 'NOT met'})"
+            )
     peers = [at[name] for name in roles.peers if name in at]
     if peers:
         best = max(peers, key=lambda cell: cell.notes_per_s)
         gain = service.notes_per_s / best.notes_per_s
         p99_ok = service.latency_ms(99) <= best.latency_ms(99)
         met = gain >= GOAL_PEER_GAIN and p99_ok
-        lines.append(f"- {roles.service} / best peer ({best.server}) at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s, "
-                     f"p99 {service.latency_ms(99):.1f} ms vs {best.latency_ms(99):.1f} ms "
-                     f"(goal >= {GOAL_PEER_GAIN:g}x at equal or better p99: {'met' if met else 'NOT met'})")
+        lines.append(
+            f"- {roles.service} / best peer ({best.server}) at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s, "
+            f"p99 {service.latency_ms(99):.1f} ms vs {best.latency_ms(99):.1f} ms "
+            f"(goal >= {GOAL_PEER_GAIN:g}x at equal or better p99: {'met' if met else 'NOT met'})"
+        )
     return lines
 
 
@@ -284,10 +326,17 @@ def _progress(message: str) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, help="Model bundle directory (models/NAME).")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="PyTorch checkpoint for torch-eager (default: the bundle's source run, best-auroc).")
-    parser.add_argument("--variant", default="int8", choices=["int8", "fp32"],
-                        help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8).")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="PyTorch checkpoint for torch-eager (default: the bundle's source run, best-auroc).",
+    )
+    parser.add_argument(
+        "--variant",
+        default="int8",
+        choices=["int8", "fp32"],
+        help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8).",
+    )
     parser.add_argument("--servers", nargs="+", help="Servers to measure (default: all, see above).")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     parser.add_argument("--seconds", type=float, default=24.0, help="Duration of each cell (all rounds together).")
@@ -313,12 +362,16 @@ def main() -> None:
     bodies = [json_body(str(position), text) for position, text in enumerate(notes)]
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="serve_load-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    _progress(f"{len(notes)} KTAS notes; bundle {args.bundle}; {os.cpu_count()} CPUs; {args.seconds:g} s per cell; "
-              f"threads {args.threads}; server logs in {log_dir}")
+    _progress(
+        f"{len(notes)} KTAS notes; bundle {args.bundle}; {os.cpu_count()} CPUs; {args.seconds:g} s per cell; "
+        f"threads {args.threads}; server logs in {log_dir}"
+    )
     ceiling = model_ceiling(args.bundle, args.variant, args.threads, notes, CEILING_SECONDS)
-    _progress(f"model alone ({args.variant}, in-process, no HTTP): " + ", ".join(
-        f"batch {size}: {rate:.1f} notes/s" for size, rate in ceiling.items())
-        + f"; batching gain ceiling {ceiling[max(ceiling)] / ceiling[min(ceiling)]:.2f}x")
+    _progress(
+        f"model alone ({args.variant}, in-process, no HTTP): "
+        + ", ".join(f"batch {size}: {rate:.1f} notes/s" for size, rate in ceiling.items())
+        + f"; batching gain ceiling {ceiling[max(ceiling)] / ceiling[min(ceiling)]:.2f}x"
+    )
     cells = measure_all([specs[name] for name in args.servers], bodies, notes[0], args, log_dir)
     print()
     print(markdown_table(cells))

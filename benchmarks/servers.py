@@ -49,8 +49,20 @@ class RunningServer:
 
 def service_argv(bundle: Path, variant: str, threads: int) -> list[str]:
     """This service's command line (`python -m app serve`), default settings otherwise."""
-    return [PYTHON, "-m", "app", "serve", "--bundle", str(bundle), "--host", HOST, "--variant", variant,
-            "--intra-op-threads", str(threads)]
+    return [
+        PYTHON,
+        "-m",
+        "app",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--host",
+        HOST,
+        "--variant",
+        variant,
+        "--intra-op-threads",
+        str(threads),
+    ]
 
 
 def json_body(note_id: str, text: str) -> bytes:
@@ -62,11 +74,21 @@ def running_server(spec: ServerSpec, log_dir: Path, probe_text: str) -> Iterator
     """Start `spec`, wait until it answers 200 to `probe_text`, yield it, then stop its process group."""
     port = _free_port()
     log_path = log_dir / f"{spec.name}.log"
-    environment = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "MKL_NUM_THREADS": str(spec.threads),
-                   "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec.threads),
+        "MKL_NUM_THREADS": str(spec.threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     with log_path.open("wb") as log:
-        process = subprocess.Popen([*spec.argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                   env=environment, start_new_session=True)
+        process = subprocess.Popen(
+            [*spec.argv, "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+        )
     base_url = f"http://{HOST}:{port}"
     metrics_url = base_url + spec.metrics_url_path if spec.metrics_url_path else None
     server = RunningServer(spec.name, process.pid, base_url + CLASSIFY_PATH, metrics_url, log_path)

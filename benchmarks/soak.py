@@ -130,18 +130,25 @@ def summary_lines(tally: Tally, samples: np.ndarray, args: argparse.Namespace) -
     error_kinds = f" ({', '.join(f'{kind}: {n}' for kind, n in tally.errors.items())})" if errors else ""
     slowest = latencies.max() if len(latencies) else math.nan
     return [
-        (f"requests: sent {tally.sent} at {args.rate:g}/s for {args.duration:g} s "
-         f"(answered at {len(latencies) / tally.seconds:.1f}/s over {tally.seconds:.1f} s)"),
-        (f"answers: {sum(tally.answered.values())}; ids answered {len(answered)}, twice or more {duplicates}, "
-         f"never {len(missing)}, not sent {len(unexpected)}; errors {errors}{error_kinds}"),
+        (
+            f"requests: sent {tally.sent} at {args.rate:g}/s for {args.duration:g} s "
+            f"(answered at {len(latencies) / tally.seconds:.1f}/s over {tally.seconds:.1f} s)"
+        ),
+        (
+            f"answers: {sum(tally.answered.values())}; ids answered {len(answered)}, twice or more {duplicates}, "
+            f"never {len(missing)}, not sent {len(unexpected)}; errors {errors}{error_kinds}"
+        ),
         f"every request answered exactly once: {'yes' if exactly_once else 'NO'}",
-        (f"latency from scheduled send: p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, "
-         f"max {slowest:.1f} ms"),
-        (f"server RSS ({len(samples)} samples every {args.sample_seconds:g} s): first {rss[0]:.1f} MB, "
-         f"last {rss[-1]:.1f} MB, max {rss.max():.1f} MB; slope {slope_mb_per_min(samples):+.3f} MB/min overall, "
-         f"{late_slope:+.3f} MB/min over the second half"),
-        (f"memory flat (second-half slope below {FLAT_SLOPE_MB_PER_MIN} MB/min): "
-         f"{'yes' if abs(late_slope) < FLAT_SLOPE_MB_PER_MIN else 'NO'}"),
+        (f"latency from scheduled send: p50 {p50:.1f} ms, p95 {p95:.1f} ms, p99 {p99:.1f} ms, max {slowest:.1f} ms"),
+        (
+            f"server RSS ({len(samples)} samples every {args.sample_seconds:g} s): first {rss[0]:.1f} MB, "
+            f"last {rss[-1]:.1f} MB, max {rss.max():.1f} MB; slope {slope_mb_per_min(samples):+.3f} MB/min overall, "
+            f"{late_slope:+.3f} MB/min over the second half"
+        ),
+        (
+            f"memory flat (second-half slope below {FLAT_SLOPE_MB_PER_MIN} MB/min): "
+            f"{'yes' if abs(late_slope) < FLAT_SLOPE_MB_PER_MIN else 'NO'}"
+        ),
         "RSS samples (s: MB): " + ", ".join(f"{seconds:.0f}: {mb:.1f}" for seconds, mb in samples),
     ]
 
@@ -169,8 +176,11 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     spec = ServerSpec(f"service-{args.variant}", service_argv(args.bundle, args.variant, args.threads), args.threads)
     with running_server(spec, log_dir, notes[0]) as server:
-        print(f"{spec.name} ready (pid {server.pid}); {len(notes)} KTAS notes; load average "
-              f"{os.getloadavg()[0]:.2f}; server log {server.log_path}", flush=True)
+        print(
+            f"{spec.name} ready (pid {server.pid}); {len(notes)} KTAS notes; load average "
+            f"{os.getloadavg()[0]:.2f}; server log {server.log_path}",
+            flush=True,
+        )
         tally, samples = asyncio.run(soak(server.url, server.pid, notes, args))
     print("\n".join(summary_lines(tally, samples, args)))
 

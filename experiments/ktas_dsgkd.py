@@ -80,14 +80,22 @@ def train(config: Config, seed: int, out: Path, split_file: Path, recipe: Traini
     if not (predictions.is_file() and timing.is_file()):
         shutil.rmtree(directory, ignore_errors=True)  # a run stopped half-way starts over
         start = time.perf_counter()
-        fit(DataArguments(data="ktas", split_file=str(split_file)),
+        fit(
+            DataArguments(data="ktas", split_file=str(split_file)),
             ModelArguments(student=config.student, teacher=config.teacher, max_length=128),
             replace(recipe, out=str(directory), method=config.method, seed=seed),
-            DistillArguments(**config.distill), EvalArguments())
+            DistillArguments(**config.distill),
+            EvalArguments(),
+        )
         timing.write_text(json.dumps({"wall_seconds": round(time.perf_counter() - start, 1)}))
     decision = json.loads((directory / "eval" / "metrics.json").read_text())["decision"]
-    return {"config": config.name, "seed": seed, "threshold": decision["threshold"],
-            "predictions": pd.read_csv(predictions), "wall_seconds": json.loads(timing.read_text())["wall_seconds"]}
+    return {
+        "config": config.name,
+        "seed": seed,
+        "threshold": decision["threshold"],
+        "predictions": pd.read_csv(predictions),
+        "wall_seconds": json.loads(timing.read_text())["wall_seconds"],
+    }
 
 
 def nurse_scores(row_ids: np.ndarray) -> np.ndarray:
@@ -110,13 +118,17 @@ def summarise(runs: list[dict], configs: list[Config], n_resamples: int) -> tupl
     rows, points, resampled_means = [], {}, {}
     for config in configs:
         seeds = [r for r in runs if r["config"] == config.name]
-        points[config.name] = {r["seed"]: compute_metrics(labels, r["predictions"]["p_emergency"], r["threshold"])
-                               for r in seeds}
-        resampled = [resampled_metrics(labels, r["predictions"]["p_emergency"], r["threshold"], indices)
-                     for r in seeds]
+        points[config.name] = {
+            r["seed"]: compute_metrics(labels, r["predictions"]["p_emergency"], r["threshold"]) for r in seeds
+        }
+        resampled = [resampled_metrics(labels, r["predictions"]["p_emergency"], r["threshold"], indices) for r in seeds]
         resampled_means[config.name] = {m: np.mean([x[m] for x in resampled], axis=0) for m in METRICS}
-        row = {"config": config.name, "group": config.group, "seeds": len(seeds),
-               "minutes_per_run": np.mean([r["wall_seconds"] for r in seeds]) / 60}
+        row = {
+            "config": config.name,
+            "group": config.group,
+            "seeds": len(seeds),
+            "minutes_per_run": np.mean([r["wall_seconds"] for r in seeds]) / 60,
+        }
         for m in METRICS:
             values = np.array([p[m] for p in points[config.name].values()])
             low, high = np.percentile(resampled_means[config.name][m], [2.5, 97.5])
@@ -131,17 +143,25 @@ def summarise(runs: list[dict], configs: list[Config], n_resamples: int) -> tupl
         differences = np.array([method[s]["auroc"] - base[s]["auroc"] for s in sorted(method) if s in base])
         resampled = resampled_means[config.name]["auroc"] - resampled_means[f"{config.student}/base"]["auroc"]
         paired[f"{config.name} - base"] = {
-            "mean": float(differences.mean()), "low": float(np.percentile(resampled, 2.5)),
-            "high": float(np.percentile(resampled, 97.5)), "seed_sd": float(differences.std(ddof=1)),
-            "seeds_better": int((differences > 0).sum()), "seeds": int(differences.size),
+            "mean": float(differences.mean()),
+            "low": float(np.percentile(resampled, 2.5)),
+            "high": float(np.percentile(resampled, 97.5)),
+            "seed_sd": float(differences.std(ddof=1)),
+            "seeds_better": int((differences > 0).sum()),
+            "seeds": int(differences.size),
         }
 
     nurse = nurse_scores(first["row_id"].to_numpy())
     nurse_point = compute_metrics(labels, nurse, 0.5)
     nurse_resampled = resampled_metrics(labels, nurse, 0.5, indices)
-    reference = {m: {"value": nurse_point[m], "low": float(np.percentile(nurse_resampled[m], 2.5)),
-                     "high": float(np.percentile(nurse_resampled[m], 97.5))}
-                 for m in ("auroc", "f1", "sensitivity", "specificity")}
+    reference = {
+        m: {
+            "value": nurse_point[m],
+            "low": float(np.percentile(nurse_resampled[m], 2.5)),
+            "high": float(np.percentile(nurse_resampled[m], 97.5)),
+        }
+        for m in ("auroc", "f1", "sensitivity", "specificity")
+    }
     return pd.DataFrame(rows), paired, reference
 
 
@@ -162,11 +182,20 @@ def figures(runs: list[dict], configs: list[Config], nurse: dict, docs: Path) ->
                     ax.plot(fpr, tpr, label=config.method)
                 else:
                     bins = reliability_bins(labels, probs)
-                    ax.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], "o-",
-                            label=config.method)
+                    ax.plot(
+                        [b["mean_predicted"] for b in bins],
+                        [b["fraction_positive"] for b in bins],
+                        "o-",
+                        label=config.method,
+                    )
             if kind == "roc":
-                ax.plot(1 - nurse["specificity"]["value"], nurse["sensitivity"]["value"], "k*", markersize=12,
-                        label="triage nurse (KTAS_RN 1-3)")
+                ax.plot(
+                    1 - nurse["specificity"]["value"],
+                    nurse["sensitivity"]["value"],
+                    "k*",
+                    markersize=12,
+                    label="triage nurse (KTAS_RN 1-3)",
+                )
                 ax.set(xlabel="1 - specificity", ylabel="sensitivity")
             else:
                 ax.set(xlabel="mean predicted P(emergency)", ylabel="observed emergency rate")
@@ -178,39 +207,71 @@ def figures(runs: list[dict], configs: list[Config], nurse: dict, docs: Path) ->
         figure.savefig(docs / f"{kind}.png", dpi=110)
 
 
-def markdown(table: pd.DataFrame, paired: dict, reference: dict, recipe: TrainingArguments, teacher: str,
-             total_minutes: float, n_test: int) -> str:
+def markdown(
+    table: pd.DataFrame,
+    paired: dict,
+    reference: dict,
+    recipe: TrainingArguments,
+    teacher: str,
+    total_minutes: float,
+    n_test: int,
+) -> str:
     def cell(row, m):
         return f"{row[m]:.3f} [{row[m + '_low']:.3f}, {row[m + '_high']:.3f}] ±{row[m + '_sd']:.3f}"
 
     lines = [
-        "# KTAS: DSG-KD vs plain fine-tuning (generated by `experiments/ktas_dsgkd.py`)", "",
+        "# KTAS: DSG-KD vs plain fine-tuning (generated by `experiments/ktas_dsgkd.py`)",
+        "",
         f"Test split: {n_test} notes (split seed {SPLIT_SEED}, 70/15/15 stratified), the same for every run. "
         f"Recipe for every run: {recipe.epochs} epochs (patience {recipe.patience}), batch {recipe.batch_size}, "
         f"encoder lr {recipe.encoder_lr}, head lr {recipe.head_lr}, word embedding frozen, max 128 tokens, "
         f"checkpoint with the best validation AUROC, threshold = training prevalence. Teacher: `{teacher}`.",
         "",
         "Cells: mean over seeds [95% CI: bootstrap over test notes of the seed mean, 1,000 resamples] "
-        "±SD over seeds. Sensitivity, specificity and F1 are at each run's threshold.", "",
+        "±SD over seeds. Sensitivity, specificity and F1 are at each run's threshold.",
+        "",
         "| config | seeds | " + " | ".join(METRICS) + " | min/run |",
         "|---|---|" + "---|" * len(METRICS) + "---|",
     ]
     for _, row in table.iterrows():
-        lines.append(f"| {row['config']} | {row['seeds']} | " + " | ".join(cell(row, m) for m in METRICS)
-                     + f" | {row['minutes_per_run']:.1f} |")
-    lines += ["", "## Paired: test AUROC of a DSG-KD method minus base, same seeds", "",
-              "| comparison | mean difference | 95% CI (test-note bootstrap) | SD over seeds | seeds better |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['config']} | {row['seeds']} | "
+            + " | ".join(cell(row, m) for m in METRICS)
+            + f" | {row['minutes_per_run']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Paired: test AUROC of a DSG-KD method minus base, same seeds",
+        "",
+        "| comparison | mean difference | 95% CI (test-note bootstrap) | SD over seeds | seeds better |",
+        "|---|---|---|---|---|",
+    ]
     for name, d in paired.items():
-        lines.append(f"| {name} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['seed_sd']:.4f} | "
-                     f"{d['seeds_better']} of {d['seeds']} |")
-    lines += ["", "## Human reference: the triage nurse (KTAS_RN) against the expert (KTAS_expert), same test notes",
-              "", "| metric | value [95% CI] |", "|---|---|"]
+        lines.append(
+            f"| {name} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {d['seed_sd']:.4f} | "
+            f"{d['seeds_better']} of {d['seeds']} |"
+        )
+    lines += [
+        "",
+        "## Human reference: the triage nurse (KTAS_RN) against the expert (KTAS_expert), same test notes",
+        "",
+        "| metric | value [95% CI] |",
+        "|---|---|",
+    ]
     for m, v in reference.items():
         lines.append(f"| {m} | {v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}] |")
-    lines += ["", "AUROC of the nurse is that of the 5-level KTAS_RN as a score; the other figures are at "
-              "levels 1-3 = emergency.", "", f"Total wall time of the runs: {total_minutes:.0f} min.",
-              "", "![ROC](roc.png)", "", "![Reliability](reliability.png)", ""]
+    lines += [
+        "",
+        "AUROC of the nurse is that of the 5-level KTAS_RN as a score; the other figures are at "
+        "levels 1-3 = emergency.",
+        "",
+        f"Total wall time of the runs: {total_minutes:.0f} min.",
+        "",
+        "![ROC](roc.png)",
+        "",
+        "![Reliability](reliability.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -231,8 +292,16 @@ def main(
     split_file = out / "split.json"
     if not split_file.is_file():
         make_split(load_ktas(), seed=SPLIT_SEED).save(split_file)
-    recipe = TrainingArguments(out="", epochs=epochs, patience=2, batch_size=16, encoder_lr=5e-5, head_lr=1e-3,
-                               freeze_embeddings=True, threads=threads)
+    recipe = TrainingArguments(
+        out="",
+        epochs=epochs,
+        patience=2,
+        batch_size=16,
+        encoder_lr=5e-5,
+        head_lr=1e-3,
+        freeze_embeddings=True,
+        threads=threads,
+    )
     configs = [c for c in grid(teacher, general_teacher) if c.group in groups.split(",")]
     runs = []
     for config in configs:
@@ -245,9 +314,13 @@ def main(
     n_test = len(runs[0]["predictions"])
     total_minutes = sum(r["wall_seconds"] for r in runs) / 60
     (docs / "ktas_dsgkd.md").write_text(markdown(table, paired, reference, recipe, teacher, total_minutes, n_test))
-    (docs / "ktas_dsgkd.json").write_text(json.dumps(
-        {"table": table.to_dict("records"), "paired": paired, "nurse": reference, "total_minutes": total_minutes},
-        indent=2, default=float))
+    (docs / "ktas_dsgkd.json").write_text(
+        json.dumps(
+            {"table": table.to_dict("records"), "paired": paired, "nurse": reference, "total_minutes": total_minutes},
+            indent=2,
+            default=float,
+        )
+    )
     print((docs / "ktas_dsgkd.md").read_text())
 
 

@@ -15,12 +15,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EMERGENCY_COMPLAINTS = [
-    "chest pain", "seizure", "dyspnea", "hematemesis", "altered mentality", "syncope",
-    "anaphylaxis", "stridor", "cyanosis", "major trauma",
+    "chest pain",
+    "seizure",
+    "dyspnea",
+    "hematemesis",
+    "altered mentality",
+    "syncope",
+    "anaphylaxis",
+    "stridor",
+    "cyanosis",
+    "major trauma",
 ]
 ROUTINE_COMPLAINTS = [
-    "mild cough", "rhinorrhea", "medication refill", "minor abrasion", "ear itching",
-    "constipation", "insect bite", "dressing change", "sore throat", "wart",
+    "mild cough",
+    "rhinorrhea",
+    "medication refill",
+    "minor abrasion",
+    "ear itching",
+    "constipation",
+    "insect bite",
+    "dressing change",
+    "sore throat",
+    "wart",
 ]
 KOREAN_CONTEXT = ["3세 남아", "환아", "보호자 동반", "내원", "어제부터", "구토 2회", "발열"]
 
@@ -56,7 +72,7 @@ def _train_wordpiece(texts: list[str], vocab_size: int):
     vocab = [*specials, *chars, *(f"##{c}" for c in chars)]
     for word, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])):
         # Long words become two pieces, so that the fixtures have multi-piece words as real vocabularies do.
-        for piece in ([word[:4], f"##{word[4:]}"] if len(word) >= 8 else [word]):
+        for piece in [word[:4], f"##{word[4:]}"] if len(word) >= 8 else [word]:
             if piece not in vocab and len(vocab) < vocab_size:
                 vocab.append(piece)
 
@@ -67,8 +83,13 @@ def _train_wordpiece(texts: list[str], vocab_size: int):
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=128,
     )
 
 
@@ -78,8 +99,13 @@ def _save_tiny_bert(out: Path, tokenizer, hidden: int, layers: int, heads: int, 
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=hidden * 2, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
     )
     BertModel(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

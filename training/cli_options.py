@@ -31,7 +31,11 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         raise typer.BadParameter(f"{path}: expected a mapping of option names to values", param_hint="--config")
     flat: dict[str, Any] = {}
     for key, value in loaded.items():
-        flat.update(value if isinstance(value, dict) and key in ("data", "model", "training", "distill", "evaluation", "pretrain") else {key: value})
+        flat.update(
+            value
+            if isinstance(value, dict) and key in ("data", "model", "training", "distill", "evaluation", "pretrain")
+            else {key: value}
+        )
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
@@ -53,11 +57,20 @@ def dataclass_command(*classes: type) -> Callable:
                     default, kind = None, kind | None
                     required.append(f.name)
                 option = typer.Option(help=f.metadata.get("help", "") + (" [required]" if f.name in required else ""))
-                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                annotation=Annotated[kind, option]))
+                params.append(
+                    inspect.Parameter(
+                        f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option]
+                    )
+                )
                 owner[f.name] = cls
-        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                        annotation=Annotated[Path | None, typer.Option(help=CONFIG_HELP)]))
+        params.append(
+            inspect.Parameter(
+                "config",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[Path | None, typer.Option(help=CONFIG_HELP)],
+            )
+        )
 
         @functools.wraps(fn)
         def command(ctx: typer.Context, **values: Any) -> Any:

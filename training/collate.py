@@ -31,4 +31,4 @@ class NoteCollator:
 def length_sorted_batches(texts: list[str], batch_size: int) -> list[np.ndarray]:
     """Positions grouped so that notes of similar length share a batch (less padding at inference)."""
     order = np.argsort([len(t) for t in texts], kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

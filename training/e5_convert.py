@@ -98,7 +98,7 @@ class _Reader:
         return values
 
     def take(self, nbytes: int) -> bytes:
-        chunk = self.data[self.pos:self.pos + nbytes]
+        chunk = self.data[self.pos : self.pos + nbytes]
         self.pos += nbytes
         return chunk
 
@@ -150,7 +150,7 @@ def read_e5_file(path: Path) -> E5File:
         (name_len,) = reader.unpack("H")
         name = reader.take(name_len).decode("ascii")
         dtype, count, offset, nbytes = reader.unpack("BIQQ")
-        raw = data[offset:offset + nbytes]
+        raw = data[offset : offset + nbytes]
         if dtype == FP32:
             tensors[name] = np.frombuffer(raw, dtype="<f4", count=count).copy()
         elif dtype == Q4_0:
@@ -159,20 +159,39 @@ def read_e5_file(path: Path) -> E5File:
             raise ValueError(f"{path}: tensor {name!r} has unknown dtype {dtype}")
 
     return E5File(
-        hidden=hidden, layers=layers, heads=heads, ffn=ffn, embedding_rows=rows,
-        max_positions=max_positions, token_types=token_types, layer_norm_eps=eps,
-        pieces=pieces, scores=scores.tolist(), bos_id=bos, eos_id=eos, pad_id=pad, unk_id=unk,
-        normalization=normalization, tensors=tensors,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        ffn=ffn,
+        embedding_rows=rows,
+        max_positions=max_positions,
+        token_types=token_types,
+        layer_norm_eps=eps,
+        pieces=pieces,
+        scores=scores.tolist(),
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
+        unk_id=unk,
+        normalization=normalization,
+        tensors=tensors,
     )
 
 
 def bert_config(e5: E5File) -> BertConfig:
     return BertConfig(
-        vocab_size=e5.embedding_rows, hidden_size=e5.hidden, num_hidden_layers=e5.layers,
-        num_attention_heads=e5.heads, intermediate_size=e5.ffn, hidden_act="gelu",
-        max_position_embeddings=e5.max_positions, type_vocab_size=e5.token_types,
-        layer_norm_eps=e5.layer_norm_eps, pad_token_id=e5.pad_id,
-        bos_token_id=e5.bos_id, eos_token_id=e5.eos_id,
+        vocab_size=e5.embedding_rows,
+        hidden_size=e5.hidden,
+        num_hidden_layers=e5.layers,
+        num_attention_heads=e5.heads,
+        intermediate_size=e5.ffn,
+        hidden_act="gelu",
+        max_position_embeddings=e5.max_positions,
+        type_vocab_size=e5.token_types,
+        layer_norm_eps=e5.layer_norm_eps,
+        pad_token_id=e5.pad_id,
+        bos_token_id=e5.bos_id,
+        eos_token_id=e5.eos_id,
     )
 
 
@@ -220,10 +239,12 @@ def build_tokenizer(e5: E5File) -> XLMRobertaTokenizerFast:
     combining mark is normalized as one grapheme (the mark is dropped).
     """
     tokenizer = Tokenizer(models.Unigram(list(zip(e5.pieces, e5.scores)), unk_id=e5.unk_id, byte_fallback=False))
-    tokenizer.normalizer = normalizers.Sequence([
-        normalizers.Precompiled(_precompiled_charsmap(e5.normalization)),
-        normalizers.Replace(Regex(" {2,}"), " "),
-    ])
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.Precompiled(_precompiled_charsmap(e5.normalization)),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     bos, eos = e5.pieces[e5.bos_id], e5.pieces[e5.eos_id]
@@ -233,8 +254,14 @@ def build_tokenizer(e5: E5File) -> XLMRobertaTokenizerFast:
         special_tokens=[(bos, e5.bos_id), (eos, e5.eos_id)],
     )
     return XLMRobertaTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, sep_token=eos, cls_token=bos,
-        unk_token=e5.pieces[e5.unk_id], pad_token=e5.pieces[e5.pad_id], mask_token="<mask>",
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token=eos,
+        sep_token=eos,
+        cls_token=bos,
+        unk_token=e5.pieces[e5.unk_id],
+        pad_token=e5.pieces[e5.pad_id],
+        mask_token="<mask>",
         model_max_length=e5.max_positions,
     )
 

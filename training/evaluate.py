@@ -274,8 +274,10 @@ def resampled_metrics(y_true, prob, threshold: float, indices: np.ndarray) -> di
     labels, probabilities = checked_inputs(y_true, prob)
     threshold = _check_threshold(threshold)
     resampled_labels, resampled_probabilities = labels[indices].T, probabilities[indices].T
-    return {**_resampled_threshold_free(resampled_labels, resampled_probabilities),
-            **_resampled_at_threshold(resampled_labels, resampled_probabilities, threshold)}
+    return {
+        **_resampled_threshold_free(resampled_labels, resampled_probabilities),
+        **_resampled_at_threshold(resampled_labels, resampled_probabilities, threshold),
+    }
 
 
 def _interval(point: float, resampled: np.ndarray, level: float) -> dict[str, float]:

@@ -29,7 +29,13 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from app.bundle import (
-    MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, predict_proba, sha256_file,
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    BundleError,
+    create_session,
+    load_tokenizer,
+    predict_proba,
+    sha256_file,
 )
 from app.manifest import Decision, Encoders, Manifest, Variant
 from training.checkpoints import checkpoint_dir
@@ -54,9 +60,18 @@ PARITY_BATCH_SIZE = 32
 CALIBRATION_NOTES = 256
 
 
-def export_bundle(run_dir: str | Path, out_dir: str | Path, metric: str = "auroc", name: str | None = None,
-                  version: str | None = None, tolerance: float = 0.005, parity_atol: float = 1e-4,
-                  batch_shift_atol: float = 1e-3, quantize_embeddings: bool = True, overwrite: bool = False) -> Path:
+def export_bundle(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    metric: str = "auroc",
+    name: str | None = None,
+    version: str | None = None,
+    tolerance: float = 0.005,
+    parity_atol: float = 1e-4,
+    batch_shift_atol: float = 1e-3,
+    quantize_embeddings: bool = True,
+    overwrite: bool = False,
+) -> Path:
     """Build the bundle of `run_dir`'s `best-<metric>` checkpoint in `out_dir`; returns `out_dir`.
 
     `name` defaults to the name of `out_dir`, `version` to the UTC date plus the start of model.onnx's sha256.
@@ -76,8 +91,13 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path, metric: str = "auroc
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("bundle %s %s written to %s (variants kept: %s)", manifest.name, manifest.version, out_dir,
-             ", ".join(k for k, v in manifest.variants.items() if v.kept))
+    log.info(
+        "bundle %s %s written to %s (variants kept: %s)",
+        manifest.name,
+        manifest.version,
+        out_dir,
+        ", ".join(k for k, v in manifest.variants.items() if v.kept),
+    )
     return out_dir
 
 
@@ -116,32 +136,41 @@ class Limits:
     batch_shift_atol: float
 
 
-def _build(staging: Path, source: Source, name: str, version: str | None, limits: Limits,
-           quantize_embeddings: bool) -> Manifest:
+def _build(
+    staging: Path, source: Source, name: str, version: str | None, limits: Limits, quantize_embeddings: bool
+) -> Manifest:
     held_out = [*source.parts["valid"].texts, *source.parts["test"].texts]
     model, hf_tokenizer = load_student(str(source.checkpoint)), load_hf_tokenizer(str(source.checkpoint))
     torch_probs, _ = torch_predict_proba(model, hf_tokenizer, held_out, PARITY_BATCH_SIZE, source.max_tokens)
     reference = Reference(held_out, torch_probs, source.parts["valid"].labels, source.decision.threshold)
-    log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity",
-             reference.torch_valid_auroc, len(held_out))
+    log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity", reference.torch_valid_auroc, len(held_out))
 
     tokenizer_files = _write_tokenizer(hf_tokenizer, source.checkpoint, staging, source.max_tokens)
     tokenizer = load_tokenizer(staging / TOKENIZER_FILE, source.max_tokens)
     fp32_file = staging / MODEL_FILES["fp32"]
     export_method = export_fp32(source.checkpoint, fp32_file)
-    quantize_int8(fp32_file, staging / MODEL_FILES["int8"], tokenizer, source.parts["train"].texts[:CALIBRATION_NOTES],
-                  quantize_embeddings)
+    quantize_int8(
+        fp32_file,
+        staging / MODEL_FILES["int8"],
+        tokenizer,
+        source.parts["train"].texts[:CALIBRATION_NOTES],
+        quantize_embeddings,
+    )
     convert_fp16(fp32_file, staging / MODEL_FILES["fp16"])
 
     # fp32 is held to parity with PyTorch instead.
     unlimited = Limits(math.inf, math.inf, math.inf)
-    variants = {variant: _measure(staging / file_name, tokenizer, reference, unlimited if variant == "fp32" else limits)
-                for variant, file_name in MODEL_FILES.items()}
+    variants = {
+        variant: _measure(staging / file_name, tokenizer, reference, unlimited if variant == "fp32" else limits)
+        for variant, file_name in MODEL_FILES.items()
+    }
     fp32 = variants["fp32"]
     if fp32.max_abs_diff is None or fp32.max_abs_diff > limits.parity_atol:
-        raise ExportError(f"{MODEL_FILES['fp32']}: ONNX fp32 differs from PyTorch by up to {fp32.max_abs_diff} "
-                          f"in P(emergency) on the held-out notes, more than --parity-atol {limits.parity_atol}; "
-                          "the export is not faithful, no bundle written")
+        raise ExportError(
+            f"{MODEL_FILES['fp32']}: ONNX fp32 differs from PyTorch by up to {fp32.max_abs_diff} "
+            f"in P(emergency) on the held-out notes, more than --parity-atol {limits.parity_atol}; "
+            "the export is not faithful, no bundle written"
+        )
     for variant in variants.values():
         if not variant.kept:
             (staging / variant.file).unlink()
@@ -152,8 +181,9 @@ def _build(staging: Path, source: Source, name: str, version: str | None, limits
         version=version or f"{datetime.now(UTC):%Y.%m.%d}+{fp32.sha256[:8]}",
         created_at=datetime.now(UTC),
         source_run=str(source.run_dir),
-        encoders=Encoders(student=config["model"]["student"], teacher=config["model"]["teacher"],
-                          method=config["training"]["method"]),
+        encoders=Encoders(
+            student=config["model"]["student"], teacher=config["model"]["teacher"], method=config["training"]["method"]
+        ),
         decision=source.decision,
         max_input_tokens=source.max_tokens,
         preprocessing=_preprocessing(tokenizer, source.max_tokens),
@@ -179,7 +209,7 @@ class Reference:
 
     @property
     def torch_valid_auroc(self) -> float:
-        return float(roc_auc_score(self.valid_labels, self.torch_probs[:len(self.valid_labels)]))
+        return float(roc_auc_score(self.valid_labels, self.torch_probs[: len(self.valid_labels)]))
 
 
 def _measure(model_file: Path, tokenizer: Tokenizer, reference: Reference, limits: Limits) -> Variant:
@@ -189,33 +219,53 @@ def _measure(model_file: Path, tokenizer: Tokenizer, reference: Reference, limit
         session = create_session(model_file, ["CPUExecutionProvider"])
     except BundleError as error:  # e.g. an fp16 kernel the CPU provider lacks: recorded, and the variant dropped
         log.warning("%s", error)
-        return Variant(**figures, kept=False, max_abs_diff=None, label_agreement=None, valid_auroc=None,
-                       auroc_drop=None, note=f"not evaluated: the CPU provider cannot run it ({error})")
+        return Variant(
+            **figures,
+            kept=False,
+            max_abs_diff=None,
+            label_agreement=None,
+            valid_auroc=None,
+            auroc_drop=None,
+            note=f"not evaluated: the CPU provider cannot run it ({error})",
+        )
     probs = predict_proba(session, tokenizer, reference.texts, PARITY_BATCH_SIZE)
     batch_shift = float(np.abs(predict_proba(session, tokenizer, reference.texts, batch_size=1) - probs).max())
-    valid_auroc = float(roc_auc_score(reference.valid_labels, probs[:len(reference.valid_labels)]))
+    valid_auroc = float(roc_auc_score(reference.valid_labels, probs[: len(reference.valid_labels)]))
     drop = reference.torch_valid_auroc - valid_auroc
     faults = []
     if drop > limits.tolerance:
         faults.append(f"validation AUROC {drop:.4f} below PyTorch's, more than the tolerance {limits.tolerance}")
     if batch_shift > limits.batch_shift_atol:
-        faults.append(f"a note's P(emergency) moves by up to {batch_shift:.2g} with the notes batched with it, "
-                      f"more than --batch-shift-atol {limits.batch_shift_atol}")
+        faults.append(
+            f"a note's P(emergency) moves by up to {batch_shift:.2g} with the notes batched with it, "
+            f"more than --batch-shift-atol {limits.batch_shift_atol}"
+        )
     threshold = reference.threshold
     variant = Variant(
-        **figures, kept=not faults,
+        **figures,
+        kept=not faults,
         max_abs_diff=float(np.abs(probs - reference.torch_probs).max()),
         label_agreement=float(np.mean((probs >= threshold) == (reference.torch_probs >= threshold))),
-        valid_auroc=valid_auroc, auroc_drop=drop, batch_shift=batch_shift, note="; ".join(faults) or None,
+        valid_auroc=valid_auroc,
+        auroc_drop=drop,
+        batch_shift=batch_shift,
+        note="; ".join(faults) or None,
     )
-    log.info("%s: max |dP| %.2e, label agreement %.2f%%, validation AUROC drop %+.4f, batch shift %.2e%s",
-             model_file.name, variant.max_abs_diff, 100 * variant.label_agreement, drop, batch_shift,
-             "" if variant.kept else " -> dropped")
+    log.info(
+        "%s: max |dP| %.2e, label agreement %.2f%%, validation AUROC drop %+.4f, batch shift %.2e%s",
+        model_file.name,
+        variant.max_abs_diff,
+        100 * variant.label_agreement,
+        drop,
+        batch_shift,
+        "" if variant.kept else " -> dropped",
+    )
     return variant
 
 
-def _write_tokenizer(hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, out_dir: Path,
-                     max_tokens: int) -> dict[str, str]:
+def _write_tokenizer(
+    hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, out_dir: Path, max_tokens: int
+) -> dict[str, str]:
     """tokenizer.json with the run's truncation and the tokenizer's padding built in, so that the `tokenizers`
     library alone encodes exactly as the PyTorch evaluation did; the other files are copied for reference.
     Returns the sha256 of each file written."""
@@ -223,8 +273,12 @@ def _write_tokenizer(hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, ou
         raise ExportError(f"{checkpoint}: the tokenizer has no pad token, so batches cannot be padded")
     backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
     backend.enable_truncation(max_tokens, direction=hf_tokenizer.truncation_side)
-    backend.enable_padding(direction=hf_tokenizer.padding_side, pad_id=hf_tokenizer.pad_token_id,
-                           pad_type_id=hf_tokenizer.pad_token_type_id, pad_token=hf_tokenizer.pad_token)
+    backend.enable_padding(
+        direction=hf_tokenizer.padding_side,
+        pad_id=hf_tokenizer.pad_token_id,
+        pad_type_id=hf_tokenizer.pad_token_type_id,
+        pad_token=hf_tokenizer.pad_token,
+    )
     backend.save(str(out_dir / TOKENIZER_FILE))
     for file_name in EXTRA_TOKENIZER_FILES:
         if (checkpoint / file_name).is_file():
@@ -241,8 +295,10 @@ def _test_report(run_dir: Path, checkpoint: Path) -> dict:
     report = json.loads(path.read_text())
     evaluated = (run_dir / report["checkpoint"]["path"]).resolve()
     if evaluated != checkpoint:
-        raise ExportError(f"{path} describes {evaluated.name}, not the exported {checkpoint.name}; run "
-                          f"`python -m training evaluate --run {run_dir} --metric <the same metric>` first")
+        raise ExportError(
+            f"{path} describes {evaluated.name}, not the exported {checkpoint.name}; run "
+            f"`python -m training evaluate --run {run_dir} --metric <the same metric>` first"
+        )
     return report
 
 
@@ -260,9 +316,12 @@ def _test_metrics(report: dict, policy: str) -> dict:
     return {
         "counts": report["counts"],
         "threshold_free": report["threshold_free"],
-        "at_decision_threshold": {"policy": policy, "threshold": at_threshold["threshold"],
-                                  "metrics": at_threshold["metrics"],
-                                  "confusion_matrix": at_threshold["confusion_matrix"]},
+        "at_decision_threshold": {
+            "policy": policy,
+            "threshold": at_threshold["threshold"],
+            "metrics": at_threshold["metrics"],
+            "confusion_matrix": at_threshold["confusion_matrix"],
+        },
         "bootstrap": report["bootstrap"],
     }
 

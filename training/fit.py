@@ -19,7 +19,14 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from training.checkpoints import CheckpointKeeper
-from training.config import ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
+from training.config import (
+    ConfigError,
+    DataArguments,
+    DistillArguments,
+    EvalArguments,
+    ModelArguments,
+    TrainingArguments,
+)
 from training.data.loading import load_parts
 from training.evaluate import compute_metrics
 from training.modeling import load_student, load_tokenizer, parameter_groups
@@ -45,16 +52,26 @@ def build_objective(method, model, tokenizer, model_args, distill_args, train_pa
     return build_distill_objective(method, model, tokenizer, model_args, distill_args, train_parts, device)
 
 
-def fit(data_args: DataArguments, model_args: ModelArguments, train_args: TrainingArguments,
-        distill_args: DistillArguments, eval_args: EvalArguments) -> Path:
+def fit(
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    train_args: TrainingArguments,
+    distill_args: DistillArguments,
+    eval_args: EvalArguments,
+) -> Path:
     if train_args.method not in METHODS:
         raise ConfigError(f"--method must be one of {METHODS}, not {train_args.method!r}")
     if train_args.method != "base" and not model_args.teacher:
         raise ConfigError(f"--method {train_args.method} needs --teacher")
     run_dir = Path(train_args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"data": asdict(data_args), "model": asdict(model_args), "training": asdict(train_args),
-              "distill": asdict(distill_args), "evaluation": asdict(eval_args)}
+    config = {
+        "data": asdict(data_args),
+        "model": asdict(model_args),
+        "training": asdict(train_args),
+        "distill": asdict(distill_args),
+        "evaluation": asdict(eval_args),
+    }
     (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
     if train_args.threads:
         torch.set_num_threads(train_args.threads)
@@ -71,8 +88,11 @@ def fit(data_args: DataArguments, model_args: ModelArguments, train_args: Traini
 
     generator = torch.Generator().manual_seed(train_args.seed)
     loader = torch.utils.data.DataLoader(
-        range(len(parts["train"])), batch_size=train_args.batch_size, shuffle=True,
-        generator=generator, collate_fn=objective.collator(parts["train"]),
+        range(len(parts["train"])),
+        batch_size=train_args.batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=objective.collator(parts["train"]),
     )
     groups = parameter_groups(model, train_args.encoder_lr, train_args.head_lr, train_args.weight_decay)
     extra = [p for module in objective.extra_modules() for p in module.parameters()]
@@ -117,27 +137,43 @@ def fit(data_args: DataArguments, model_args: ModelArguments, train_args: Traini
 
         metrics = _validate(model, tokenizer, parts["valid"], prevalence, train_args, model_args, device)
         improved = keeper.update(epoch, metrics, model, tokenizer)
-        record = {"epoch": epoch, "step": step, "elapsed_s": round(time.perf_counter() - start, 1),
-                  "train": {k: float(np.mean([l[k] for l in epoch_logs])) for k in epoch_logs[0]} if epoch_logs else {},
-                  "valid": metrics, "improved": improved}
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "elapsed_s": round(time.perf_counter() - start, 1),
+            "train": {k: float(np.mean([l[k] for l in epoch_logs])) for k in epoch_logs[0]} if epoch_logs else {},
+            "valid": metrics,
+            "improved": improved,
+        }
         with history.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        log.info("epoch %d: valid auroc %.4f brier %.4f loss %.4f%s", epoch, metrics["auroc"], metrics["brier"],
-                 metrics["loss"], f" (best {', '.join(improved)})" if improved else "")
+        log.info(
+            "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s",
+            epoch,
+            metrics["auroc"],
+            metrics["brier"],
+            metrics["loss"],
+            f" (best {', '.join(improved)})" if improved else "",
+        )
         stale = 0 if train_args.select_metric in improved else stale + 1
         if stale >= train_args.patience or step >= total_steps:
             break
 
     train_seconds = time.perf_counter() - start
-    (run_dir / "train_summary.json").write_text(json.dumps(
-        {"steps": step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)}, indent=2))
+    (run_dir / "train_summary.json").write_text(
+        json.dumps(
+            {"steps": step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)}, indent=2
+        )
+    )
     log.info("trained %d steps in %.0f s; evaluating best-%s on test", step, train_seconds, train_args.select_metric)
     evaluate_run(run_dir, eval_args, parts=parts, metric=train_args.select_metric, device=device)
     return run_dir
 
 
 def _validate(model, tokenizer, valid, prevalence, train_args, model_args, device) -> dict[str, float]:
-    probs, logits = predict_proba(model, tokenizer, valid.texts, train_args.eval_batch_size, model_args.max_length, device)
+    probs, logits = predict_proba(
+        model, tokenizer, valid.texts, train_args.eval_batch_size, model_args.max_length, device
+    )
     metrics = compute_metrics(valid.labels, probs, prevalence)
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid.labels)).item()
     return {"auroc": metrics["auroc"], "brier": metrics["brier"], "f1": metrics["f1"], "loss": loss}

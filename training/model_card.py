@@ -10,8 +10,8 @@ from training.data.examples import Examples
 from training.evaluate import METRIC_LABELS, THRESHOLD_POLICIES
 
 KTAS_PROVENANCE = (
-    "Public KTAS data set of Moon et al., \"Triage accuracy and causes of mistriage using the Korean Triage and "
-    "Acuity Scale\", PLOS ONE 14(9): e0216972, 2019 (doi:10.1371/journal.pone.0216972), licensed CC BY 4.0: "
+    'Public KTAS data set of Moon et al., "Triage accuracy and causes of mistriage using the Korean Triage and '
+    'Acuity Scale", PLOS ONE 14(9): e0216972, 2019 (doi:10.1371/journal.pone.0216972), licensed CC BY 4.0: '
     "1,267 adult patients (age 16-96) of two Korean emergency departments, Oct 2016 - Sep 2017. One note per "
     "record is built from what is known at triage (chief complaint in English nursing shorthand, age, sex, "
     "arrival mode, injury, mental state, pain, vital signs); label emergency = expert KTAS level 1-3."
@@ -22,8 +22,9 @@ def is_ktas(data_config: dict) -> bool:
     return data_config["data"] == "ktas" or data_config.get("data_format") == "ktas"
 
 
-def write_model_card(path: Path, manifest: Manifest, data_config: dict, parts: dict[str, Examples],
-                     report: dict, parity_notes: int) -> None:
+def write_model_card(
+    path: Path, manifest: Manifest, data_config: dict, parts: dict[str, Examples], report: dict, parity_notes: int
+) -> None:
     path.write_text(_card(manifest, data_config, parts, report, parity_notes), encoding="utf-8")
 
 
@@ -80,10 +81,12 @@ def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], rep
         "",
         "| variant | size (MB) | kept | max abs diff of P | label agreement | validation AUROC drop | batch shift of P |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-        *(f"| {name} | {v.size_bytes / 1e6:.1f} | {'yes' if v.kept else f'no ({v.note})'} | "
-          f"{_figure(v.max_abs_diff, '.2e')} | {_figure(v.label_agreement, '.2%')} | {_figure(v.auroc_drop, '+.4f')} | "
-          f"{_figure(v.batch_shift, '.2e')} |"
-          for name, v in manifest.variants.items()),
+        *(
+            f"| {name} | {v.size_bytes / 1e6:.1f} | {'yes' if v.kept else f'no ({v.note})'} | "
+            f"{_figure(v.max_abs_diff, '.2e')} | {_figure(v.label_agreement, '.2%')} | {_figure(v.auroc_drop, '+.4f')} | "
+            f"{_figure(v.batch_shift, '.2e')} |"
+            for name, v in manifest.variants.items()
+        ),
         "",
         "Batch shift: the largest change of a note's P(emergency) between scoring it alone and in a batch of 32; "
         "the service batches notes of concurrent requests together.",
@@ -106,8 +109,10 @@ def _limitations(manifest: Manifest, data_config: dict) -> list[str]:
         ]
     items.append("- The test set is small, so the confidence intervals are wide; expect other sites to differ.")
     if manifest.encoders.teacher and _teacher_corpus(manifest.encoders.teacher) == "icd10cm":
-        items.append("- The domain teacher was made by masked-LM pretraining on ICD-10-CM code titles: it knows "
-                     "clinical vocabulary, it is not a clinical-notes model.")
+        items.append(
+            "- The domain teacher was made by masked-LM pretraining on ICD-10-CM code titles: it knows "
+            "clinical vocabulary, it is not a clinical-notes model."
+        )
     items.append("- Notes longer than the token limit are truncated (the end of the note is not seen).")
     return items
 
@@ -119,8 +124,10 @@ def _teacher_corpus(teacher: str) -> str | None:
 
 
 def _rows(metrics: dict, suffix: str = "") -> list[str]:
-    return [f"| {METRIC_LABELS.get(name, name)}{suffix} | {_value(m)} | {m['low']:.3f} - {m['high']:.3f} |"
-            for name, m in metrics.items()]
+    return [
+        f"| {METRIC_LABELS.get(name, name)}{suffix} | {_value(m)} | {m['low']:.3f} - {m['high']:.3f} |"
+        for name, m in metrics.items()
+    ]
 
 
 def _value(metric: dict) -> str:

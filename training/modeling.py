@@ -31,7 +31,7 @@ def load_student(name_or_path: str, attn_implementation: str = "sdpa") -> PreTra
 
 def is_head_parameter(model: PreTrainedModel, name: str) -> bool:
     base = model.base_model_prefix + "."
-    name = name[len(base):] if name.startswith(base) else name
+    name = name[len(base) :] if name.startswith(base) else name
     return name.startswith(HEAD_PREFIXES)
 
 

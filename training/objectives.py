@@ -27,8 +27,9 @@ class CrossEntropyObjective:
     def count_words(self, batch: dict[str, torch.Tensor]) -> int:
         return 0
 
-    def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int,
-             accum_words: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int, accum_words: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model(**model_inputs(batch)).logits
         ce = F.cross_entropy(logits.float(), batch["labels"])
         return ce / accum_steps, {"ce": ce.item()}

@@ -53,10 +53,13 @@ def export_fp32(checkpoint: Path, out_file: Path) -> str:
     try:
         with tempfile.TemporaryDirectory() as exported:
             # Parity with PyTorch is checked by the caller on real notes, so optimum's own check is skipped.
-            main_export(str(checkpoint), exported, task="text-classification", library_name="transformers",
-                        do_validation=False)
+            main_export(
+                str(checkpoint), exported, task="text-classification", library_name="transformers", do_validation=False
+            )
             if any(Path(exported).glob("*.onnx_data")):
-                raise ExportError(f"{checkpoint}: the ONNX graph is over 2 GB (external data), which bundles do not support")
+                raise ExportError(
+                    f"{checkpoint}: the ONNX graph is over 2 GB (external data), which bundles do not support"
+                )
             shutil.move(Path(exported) / "model.onnx", out_file)
         method = "optimum"
     except (ValueError, KeyError) as error:  # what optimum raises for an architecture it does not know
@@ -74,9 +77,17 @@ def _torch_onnx_export(checkpoint: Path, out_file: Path) -> None:
     names = [name for name in (*REQUIRED_INPUTS, *OPTIONAL_INPUTS) if name in sample]
     axes = {name: dict(enumerate(DYNAMIC_AXES)) for name in names} | {OUTPUT: {0: DYNAMIC_AXES[0]}}
     with torch.inference_mode():
-        torch.onnx.export(model, (), str(out_file), kwargs={name: sample[name] for name in names},
-                          input_names=names, output_names=[OUTPUT], dynamic_axes=axes,
-                          opset_version=TORCH_ONNX_OPSET, dynamo=False)
+        torch.onnx.export(
+            model,
+            (),
+            str(out_file),
+            kwargs={name: sample[name] for name in names},
+            input_names=names,
+            output_names=[OUTPUT],
+            dynamic_axes=axes,
+            opset_version=TORCH_ONNX_OPSET,
+            dynamo=False,
+        )
 
 
 def check_graph(path: Path) -> None:
@@ -102,8 +113,14 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path}: {'; '.join(problems)}")
 
 
-def quantize_int8(fp32_file: Path, out_file: Path, tokenizer: Tokenizer, calibration_texts: Sequence[str],
-                  quantize_embeddings: bool = True, keep_fp32: re.Pattern[str] | None = FFN_DOWN) -> None:
+def quantize_int8(
+    fp32_file: Path,
+    out_file: Path,
+    tokenizer: Tokenizer,
+    calibration_texts: Sequence[str],
+    quantize_embeddings: bool = True,
+    keep_fp32: re.Pattern[str] | None = FFN_DOWN,
+) -> None:
     """Static int8 quantization (QDQ): int8 weights with one scale per output channel, and int8 activations
     whose scales are fixed beforehand from the value ranges seen on `calibration_texts` (e.g. training
     notes, encoded with the bundle's `tokenizer`; MinMax).
@@ -119,19 +136,30 @@ def quantize_int8(fp32_file: Path, out_file: Path, tokenizer: Tokenizer, calibra
     """
     graph = onnx.load(str(fp32_file), load_external_data=False).graph
     input_names = {tensor.name for tensor in graph.input}
-    calibration = (encode_inputs(tokenizer, calibration_texts[start:start + CALIBRATION_BATCH_SIZE], input_names)
-                   for start in range(0, len(calibration_texts), CALIBRATION_BATCH_SIZE))
-    kept_fp32 = [node.name for node in graph.node
-                 if node.op_type == "MatMul" and keep_fp32 and keep_fp32.search(node.name)]
+    calibration = (
+        encode_inputs(tokenizer, calibration_texts[start : start + CALIBRATION_BATCH_SIZE], input_names)
+        for start in range(0, len(calibration_texts), CALIBRATION_BATCH_SIZE)
+    )
+    kept_fp32 = [
+        node.name for node in graph.node if node.op_type == "MatMul" and keep_fp32 and keep_fp32.search(node.name)
+    ]
     if keep_fp32 and not kept_fp32:
         log.warning("%s: no MatMul matches %s; every MatMul is quantized", fp32_file.name, keep_fp32.pattern)
     op_types = ["MatMul", "Gemm", *(["Gather"] if quantize_embeddings else [])]
     with _without_root_info_logs():
-        quantize_static(fp32_file, out_file, _Batches(calibration), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=op_types, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=kept_fp32,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"OpTypesToExcludeOutputQuantization": ["Gather"]})
+        quantize_static(
+            fp32_file,
+            out_file,
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=kept_fp32,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"OpTypesToExcludeOutputQuantization": ["Gather"]},
+        )
 
 
 class _Batches(CalibrationDataReader):

@@ -116,8 +116,14 @@ def pretrain(args: PretrainArguments) -> Path:
         if not heldout_lines:
             return None
         scores = evaluate_mlm(
-            model, tokenizer, heldout_lines, max_length=args.max_length, batch_size=args.batch_size,
-            mlm_probability=args.mlm_probability, whole_word_mask=args.whole_word_mask, seed=args.seed,
+            model,
+            tokenizer,
+            heldout_lines,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            mlm_probability=args.mlm_probability,
+            whole_word_mask=args.whole_word_mask,
+            seed=args.seed,
         )
         return asdict(scores)
 
@@ -150,8 +156,12 @@ def pretrain(args: PretrainArguments) -> Path:
     tokenizer.save_pretrained(args.out)
     report = {
         "options": args.options(),
-        "corpus": {"lines": len(lines), "train_lines": len(train_lines), "heldout_lines": len(heldout_lines),
-                   "sha256": corpus_hash},
+        "corpus": {
+            "lines": len(lines),
+            "train_lines": len(train_lines),
+            "heldout_lines": len(heldout_lines),
+            "sha256": corpus_hash,
+        },
         "steps": state.step,
         "epochs_done": state.step / steps_per_epoch,
         "first_loss": state.loss_curve[0][1],
@@ -207,7 +217,9 @@ def load_mlm_model(source: str | Path) -> PreTrainedModel:
     if loading["missing_keys"]:
         logger.warning(
             "%s has no MLM head weights: freshly initialised %d tensors (%s)",
-            source, len(loading["missing_keys"]), ", ".join(loading["missing_keys"]),
+            source,
+            len(loading["missing_keys"]),
+            ", ".join(loading["missing_keys"]),
         )
     return model
 
@@ -238,8 +250,11 @@ def tokenize(
             f"whole-word masking needs a fast tokenizer (it reads offset mappings); {type(tokenizer).__name__} is not"
         )
     encoding = tokenizer(
-        lines, truncation=True, max_length=max_length,
-        return_special_tokens_mask=True, return_offsets_mapping=whole_word_mask,
+        lines,
+        truncation=True,
+        max_length=max_length,
+        return_special_tokens_mask=True,
+        return_offsets_mapping=whole_word_mask,
     )
     return [dict(zip(encoding.keys(), values)) for values in zip(*encoding.values())]
 
@@ -286,8 +301,9 @@ def save_encoder(mlm_model: PreTrainedModel, source: str, out: Path) -> None:
     encoder = AutoModel.from_pretrained(source)
     missing, unexpected = encoder.load_state_dict(mlm_model.base_model.state_dict(), strict=False)
     if unexpected or any(not key.startswith("pooler.") for key in missing):
-        raise RuntimeError(f"the MLM model's encoder does not match AutoModel of {source}: "
-                           f"missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"the MLM model's encoder does not match AutoModel of {source}: missing {missing}, unexpected {unexpected}"
+        )
     encoder.save_pretrained(out)
 
 

@@ -78,8 +78,14 @@ def _plot_roc(report: Mapping, labels: np.ndarray, probabilities: np.ndarray, ti
     ax.plot(fpr, tpr, lw=2, label=f"model (AUROC = {report['threshold_free']['auroc']['value']:.3f})")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
     _mark_operating_points(ax, report, "specificity", "sensitivity", x_transform=lambda s: 1 - s)
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="1 - specificity (false positive rate)",
-           ylabel="sensitivity (true positive rate)", title=f"{title}\nROC curve", aspect="equal")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="1 - specificity (false positive rate)",
+        ylabel="sensitivity (true positive rate)",
+        title=f"{title}\nROC curve",
+        aspect="equal",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     figure.savefig(path, dpi=120)
@@ -90,12 +96,19 @@ def _plot_pr(report: Mapping, labels: np.ndarray, probabilities: np.ndarray, tit
     prevalence = report["counts"]["prevalence"]
     figure = _new_figure(figsize=(6, 6), layout="constrained")
     ax = figure.add_subplot()
-    ax.step(recall, precision, where="post", lw=2,
-            label=f"model (AUPRC = {report['threshold_free']['auprc']['value']:.3f})")
+    ax.step(
+        recall, precision, where="post", lw=2, label=f"model (AUPRC = {report['threshold_free']['auprc']['value']:.3f})"
+    )
     ax.axhline(prevalence, ls="--", color="grey", label=f"no skill (prevalence = {prevalence:.3f})")
     _mark_operating_points(ax, report, "sensitivity", "precision")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="sensitivity (recall)", ylabel="precision (PPV)",
-           title=f"{title}\nPrecision-recall curve", aspect="equal")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        xlabel="sensitivity (recall)",
+        ylabel="precision (PPV)",
+        title=f"{title}\nPrecision-recall curve",
+        aspect="equal",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
     figure.savefig(path, dpi=120)
@@ -107,15 +120,30 @@ def _plot_reliability(report: Mapping, labels: np.ndarray, probabilities: np.nda
     figure = _new_figure(figsize=(6, 8), layout="constrained")
     curve_ax, histogram_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     curve_ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
-    curve_ax.plot([b["mean_predicted"] for b in bins], [b["fraction_positive"] for b in bins], "o-", lw=2,
-                  label=f"model (ECE = {metrics['ece']['value']:.3f}, Brier = {metrics['brier']['value']:.3f})")
-    curve_ax.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed fraction of emergencies",
-                 title=f"{title}\nReliability diagram ({report['reliability']['n_bins']} equal-width bins)")
+    curve_ax.plot(
+        [b["mean_predicted"] for b in bins],
+        [b["fraction_positive"] for b in bins],
+        "o-",
+        lw=2,
+        label=f"model (ECE = {metrics['ece']['value']:.3f}, Brier = {metrics['brier']['value']:.3f})",
+    )
+    curve_ax.set(
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+        ylabel="observed fraction of emergencies",
+        title=f"{title}\nReliability diagram ({report['reliability']['n_bins']} equal-width bins)",
+    )
     curve_ax.grid(alpha=0.3)
     curve_ax.legend(loc="upper left")
     edges = np.linspace(0, 1, report["reliability"]["n_bins"] + 1)
-    histogram_ax.hist([probabilities[labels == 0], probabilities[labels == 1]], bins=edges, stacked=True,
-                      label=["non-emergency", "emergency"], color=["tab:blue", "tab:red"], alpha=0.8)
+    histogram_ax.hist(
+        [probabilities[labels == 0], probabilities[labels == 1]],
+        bins=edges,
+        stacked=True,
+        label=["non-emergency", "emergency"],
+        color=["tab:blue", "tab:red"],
+        alpha=0.8,
+    )
     histogram_ax.set(xlabel="predicted P(emergency)", ylabel="notes")
     histogram_ax.margins(y=0.4)  # headroom for the legend above the bars
     histogram_ax.legend(loc="upper left", ncols=2)

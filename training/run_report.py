@@ -31,9 +31,14 @@ def load_run_config(run_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def evaluate_run(run_dir: Path, eval_args: EvalArguments, parts: dict[str, Examples] | None = None,
-                 metric: str = "auroc", device: torch.device | str = "cpu",
-                 external: DataArguments | None = None) -> dict:
+def evaluate_run(
+    run_dir: Path,
+    eval_args: EvalArguments,
+    parts: dict[str, Examples] | None = None,
+    metric: str = "auroc",
+    device: torch.device | str = "cpu",
+    external: DataArguments | None = None,
+) -> dict:
     """Thresholds come from the run's own train/valid data; the test set is the run's test split, or every
     row of `external`. Writes `<run>/eval/` (or `eval-external/`), with `predictions.csv` (row id, label,
     P(emergency); no text), and, for the run's own test split, records the decision threshold in the
@@ -51,13 +56,21 @@ def evaluate_run(run_dir: Path, eval_args: EvalArguments, parts: dict[str, Examp
     test_prob, _ = predict_proba(model, tokenizer, test.texts, 64, max_length, device)
 
     thresholds = {
-        policy: choose_threshold(policy, train_labels=parts["train"].labels, valid_labels=parts["valid"].labels,
-                                 valid_prob=valid_prob, target_sensitivity=eval_args.target_sensitivity)
+        policy: choose_threshold(
+            policy,
+            train_labels=parts["train"].labels,
+            valid_labels=parts["valid"].labels,
+            valid_prob=valid_prob,
+            target_sensitivity=eval_args.target_sensitivity,
+        )
         for policy in THRESHOLD_POLICIES
     }
     report = evaluate(test.labels, test_prob, thresholds, eval_args.bootstrap, eval_args.bootstrap_seed)
-    report["decision"] = {"policy": eval_args.threshold_policy, "threshold": thresholds[eval_args.threshold_policy],
-                          "target_sensitivity": eval_args.target_sensitivity}
+    report["decision"] = {
+        "policy": eval_args.threshold_policy,
+        "threshold": thresholds[eval_args.threshold_policy],
+        "target_sensitivity": eval_args.target_sensitivity,
+    }
     report["checkpoint"] = {"metric": metric, "path": str(checkpoint.relative_to(run_dir.resolve()))}
     title = f"{config['training']['method']} - {Path(config['model']['student']).name} - "
     title += f"external: {Path(test.source).name}" if external else "test split"
@@ -65,7 +78,8 @@ def evaluate_run(run_dir: Path, eval_args: EvalArguments, parts: dict[str, Examp
     write_report(report, test.labels, test_prob, out, title)
     # Row ids, not text: lets runs be compared paired on the same notes (see experiments/).
     pd.DataFrame({"row_id": test.row_ids, "label": test.labels, "p_emergency": test_prob}).to_csv(
-        out / PREDICTIONS_FILE, index=False)
+        out / PREDICTIONS_FILE, index=False
+    )
     if external:
         return report
 

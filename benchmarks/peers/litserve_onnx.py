@@ -47,8 +47,14 @@ def main() -> None:
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe batch_timeout, seconds.")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    api = BundleAPI(args.bundle, args.variant, args.threads, max_batch_size=args.max_batch_size,
-                    batch_timeout=args.batch_timeout, api_path="/classify")
+    api = BundleAPI(
+        args.bundle,
+        args.variant,
+        args.threads,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout,
+        api_path="/classify",
+    )
     server = litserve.LitServer(api, accelerator="cpu", devices=1, workers_per_device=1, timeout=30)
     server.run(host=HOST, port=args.port, num_api_servers=1, log_level="warning", generate_client_file=False)
 

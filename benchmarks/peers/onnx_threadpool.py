@@ -43,8 +43,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads.")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    uvicorn.run(create_app(args.bundle, args.variant, args.threads), host=HOST, port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(args.bundle, args.variant, args.threads),
+        host=HOST,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

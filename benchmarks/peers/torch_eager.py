@@ -47,8 +47,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    uvicorn.run(create_app(args.checkpoint, args.max_tokens), host=HOST, port=args.port,
-                log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(args.checkpoint, args.max_tokens), host=HOST, port=args.port, log_level="warning", access_log=False
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,13 @@ def tiny_bundle_dir(tmp_path_factory, notes, tiny_bert_dir) -> Path:
     root = tmp_path_factory.mktemp("tiny-bundle")
     data = root / "synthetic_notes.csv"
     pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
-    run = fit(DataArguments(data=str(data)), ModelArguments(student=str(tiny_bert_dir), max_length=TINY_MAX_TOKENS),
-              TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
-              DistillArguments(), EvalArguments(bootstrap=20))
+    run = fit(
+        DataArguments(data=str(data)),
+        ModelArguments(student=str(tiny_bert_dir), max_length=TINY_MAX_TOKENS),
+        TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
+        DistillArguments(),
+        EvalArguments(bootstrap=20),
+    )
     return export_bundle(run, root / "bundle", tolerance=1.0)
 
 
@@ -45,6 +49,7 @@ def settings(tiny_bundle_dir):
 
     def make(**overrides) -> Settings:
         return Settings(bundle=tiny_bundle_dir, **overrides)
+
     return make
 
 

@@ -18,8 +18,19 @@ def test_serve_builds_settings_from_flags_over_environment(monkeypatch, tiny_bun
     monkeypatch.setattr(uvicorn, "run", lambda asgi_app, **options: started.update(app=asgi_app, **options))
     monkeypatch.setattr(app.logs, "configure_logging", lambda level: started.update(log_level=level))
     result = CliRunner().invoke(
-        cli, ["serve", "--bundle", str(tiny_bundle_dir), "--port", "9001", "--api-keys", "k1", "--api-keys", "k2",
-              "--truncate"],
+        cli,
+        [
+            "serve",
+            "--bundle",
+            str(tiny_bundle_dir),
+            "--port",
+            "9001",
+            "--api-keys",
+            "k1",
+            "--api-keys",
+            "k2",
+            "--truncate",
+        ],
         env={"TRIAGE_PORT": "9000", "TRIAGE_MAX_BATCH_SIZE": "4"},
     )
     assert result.exit_code == 0, result.output

@@ -137,8 +137,10 @@ def test_missing_or_unreadable_manifest_is_refused(bundle_copy, tmp_path):
 
 
 def test_bundle_module_needs_neither_torch_nor_training():
-    code = ("import sys, app.bundle; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'training')))")
+    code = (
+        "import sys, app.bundle; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'training')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 

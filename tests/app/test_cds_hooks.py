@@ -30,6 +30,7 @@ SERVICE_PATH = f"/cds-services/{SERVICE_ID}"
 @pytest.fixture(scope="module")
 def bundle_with_threshold(tiny_bundle_dir, tmp_path_factory):
     """A copy of the tiny bundle whose manifest has the given decision threshold."""
+
     def make(threshold: float) -> Path:
         root = tmp_path_factory.mktemp(f"threshold-{threshold}")
         copy = Path(shutil.copytree(tiny_bundle_dir, root / "bundle"))
@@ -37,22 +38,29 @@ def bundle_with_threshold(tiny_bundle_dir, tmp_path_factory):
         manifest["decision"]["threshold"] = threshold
         (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
         return copy
+
     return make
 
 
 def hook_request(prefetch: dict | None = None, **context) -> dict:
-    request = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
-               "context": {"userId": "Practitioner/u-1", "patientId": "p-1", **context}}
+    request = {
+        "hook": "patient-view",
+        "hookInstance": str(uuid.uuid4()),
+        "context": {"userId": "Practitioner/u-1", "patientId": "p-1", **context},
+    }
     if prefetch is not None:
         request["prefetch"] = prefetch
     return request
 
 
 def triage_note(text: str, document_id: str = "doc-1", patient: str = "p-1") -> dict:
-    return {"resourceType": "DocumentReference", "id": document_id, "status": "current",
-            "subject": {"reference": f"Patient/{patient}"},
-            "content": [{"attachment": {"contentType": "text/plain",
-                                        "data": base64.b64encode(text.encode()).decode()}}]}
+    return {
+        "resourceType": "DocumentReference",
+        "id": document_id,
+        "status": "current",
+        "subject": {"reference": f"Patient/{patient}"},
+        "content": [{"attachment": {"contentType": "text/plain", "data": base64.b64encode(text.encode()).decode()}}],
+    }
 
 
 def searchset(*resources: dict) -> dict:
@@ -60,8 +68,9 @@ def searchset(*resources: dict) -> dict:
 
 
 async def test_discovery_lists_the_triage_note_service():
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(Settings(bundle=Path("unused")))),
-                                 base_url="http://test") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(Settings(bundle=Path("unused")))), base_url="http://test"
+    ) as client:
         response = await client.get("/cds-services")
     assert response.status_code == 200
     [service] = response.json()["services"]
@@ -90,8 +99,12 @@ async def test_a_note_at_or_above_the_threshold_gets_a_critical_card(serve, bund
 async def test_a_note_below_the_threshold_gets_an_info_card(serve, bundle_with_threshold):
     async with serve(Settings(bundle=bundle_with_threshold(1.0))) as client:
         in_context = await client.post(SERVICE_PATH, json=hook_request(**{CONTEXT_NOTE_KEY: NOTES[1]}))
-        prefetched = await client.post(SERVICE_PATH, json=hook_request(
-            {PREFETCH_KEY: searchset(triage_note(NOTES[0], "doc-1"), triage_note(NOTES[1], "doc-2"))}))
+        prefetched = await client.post(
+            SERVICE_PATH,
+            json=hook_request(
+                {PREFETCH_KEY: searchset(triage_note(NOTES[0], "doc-1"), triage_note(NOTES[1], "doc-2"))}
+            ),
+        )
     [card] = in_context.json()["cards"]
     assert card["indicator"] == "info" and "non-emergency" in card["summary"]
     assert "**Threshold:** 1.000" in card["detail"]
@@ -111,15 +124,18 @@ async def test_no_triage_note_means_no_cards_and_a_missing_prefetch_means_412(se
 MARKER = "ZQX-CDS-3307"
 
 
-@pytest.mark.parametrize(("request_body", "status"), [
-    ({"hook": "patient-view", "context": {"patientId": "p-1", CONTEXT_NOTE_KEY: MARKER}}, 400),
-    (hook_request(**{CONTEXT_NOTE_KEY: MARKER}) | {"hook": "order-sign"}, 400),
-    ({"hook": "patient-view", "hookInstance": "h-1"}, 400),
-    (hook_request(**{CONTEXT_NOTE_KEY: "   "}), 400),
-    (hook_request({PREFETCH_KEY: triage_note(MARKER, patient="someone-else")}), 400),
-    (hook_request({PREFETCH_KEY: {"resourceType": "Observation", "valueString": MARKER}}), 422),
-    (hook_request({PREFETCH_KEY: triage_note(MARKER) | {"status": None, "priority": MARKER}}), 400),
-])
+@pytest.mark.parametrize(
+    ("request_body", "status"),
+    [
+        ({"hook": "patient-view", "context": {"patientId": "p-1", CONTEXT_NOTE_KEY: MARKER}}, 400),
+        (hook_request(**{CONTEXT_NOTE_KEY: MARKER}) | {"hook": "order-sign"}, 400),
+        ({"hook": "patient-view", "hookInstance": "h-1"}, 400),
+        (hook_request(**{CONTEXT_NOTE_KEY: "   "}), 400),
+        (hook_request({PREFETCH_KEY: triage_note(MARKER, patient="someone-else")}), 400),
+        (hook_request({PREFETCH_KEY: {"resourceType": "Observation", "valueString": MARKER}}), 422),
+        (hook_request({PREFETCH_KEY: triage_note(MARKER) | {"status": None, "priority": MARKER}}), 400),
+    ],
+)
 async def test_malformed_requests_are_refused_without_the_note(serve, tiny_bundle_dir, request_body, status):
     async with serve(Settings(bundle=tiny_bundle_dir)) as client:
         response = await client.post(SERVICE_PATH, json=request_body)
@@ -139,9 +155,13 @@ async def test_the_service_needs_the_api_key_but_discovery_does_not(serve, tiny_
 async def test_note_text_and_patient_ids_never_reach_the_logs(serve, tiny_bundle_dir, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     async with serve(Settings(bundle=tiny_bundle_dir, max_note_tokens=16)) as client:
-        ok = await client.post(SERVICE_PATH, json=hook_request(
-            {PREFETCH_KEY: triage_note(f"CC: seizure {MARKER}", document_id=MARKER, patient=MARKER)},
-            patientId=MARKER))
+        ok = await client.post(
+            SERVICE_PATH,
+            json=hook_request(
+                {PREFETCH_KEY: triage_note(f"CC: seizure {MARKER}", document_id=MARKER, patient=MARKER)},
+                patientId=MARKER,
+            ),
+        )
         in_context = await client.post(SERVICE_PATH, json=hook_request(**{CONTEXT_NOTE_KEY: f"{MARKER} CC: syncope"}))
         too_long = await client.post(SERVICE_PATH, json=hook_request(**{CONTEXT_NOTE_KEY: f"{MARKER} " * 50}))
         malformed = await client.post(SERVICE_PATH, json={"hook": MARKER, "context": {CONTEXT_NOTE_KEY: MARKER}})

@@ -34,8 +34,10 @@ def attachment(text: str, content_type: str = "text/plain; charset=utf-8", encod
 
 def document(text: str, document_id: str | None = "doc-1", **attachment_options) -> dict:
     resource = {
-        "resourceType": "DocumentReference", "status": "current",
-        "subject": {"reference": "Patient/p-1"}, "context": {"encounter": [{"reference": "Encounter/e-1"}]},
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": "Patient/p-1"},
+        "context": {"encounter": [{"reference": "Encounter/e-1"}]},
         "content": [{"attachment": attachment(text, **attachment_options)}],
     }
     if document_id is not None:
@@ -44,8 +46,9 @@ def document(text: str, document_id: str | None = "doc-1", **attachment_options)
 
 
 async def post_fhir(client: httpx.AsyncClient, resource: dict, **options) -> httpx.Response:
-    return await client.post(CLASSIFY_PATH, json=resource, headers={**FHIR_HEADERS, **options.pop("headers", {})},
-                             **options)
+    return await client.post(
+        CLASSIFY_PATH, json=resource, headers={**FHIR_HEADERS, **options.pop("headers", {})}, **options
+    )
 
 
 def outcome_of(response: httpx.Response) -> OperationOutcome:
@@ -79,23 +82,32 @@ async def test_a_document_reference_gets_a_valid_risk_assessment(serve, settings
 async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(serve, settings, bundle):
     entries = [{"resource": document(text, document_id=f"doc-{position}")} for position, text in enumerate(NOTES)]
     async with serve(settings()) as client:
-        response = await post_fhir(client, {"resourceType": "Bundle", "type": "batch", "entry": entries},
-                                   headers={"Content-Type": "application/json"})
+        response = await post_fhir(
+            client,
+            {"resourceType": "Bundle", "type": "batch", "entry": entries},
+            headers={"Content-Type": "application/json"},
+        )
     assert response.status_code == 200
     result = Bundle.model_validate(response.json())
     assert result.type == "collection"
     assessments = [entry.resource for entry in result.entry]
     assert all(isinstance(assessment, RiskAssessment) for assessment in assessments)
-    assert [a.basis[0].reference for a in assessments] == ["DocumentReference/doc-0", "DocumentReference/doc-1",
-                                                           "DocumentReference/doc-2"]
+    assert [a.basis[0].reference for a in assessments] == [
+        "DocumentReference/doc-0",
+        "DocumentReference/doc-1",
+        "DocumentReference/doc-2",
+    ]
     assert [float(a.prediction[0].probabilityDecimal) for a in assessments] == pytest.approx(
-        bundle.predict_proba(NOTES).tolist(), abs=1e-5)
+        bundle.predict_proba(NOTES).tolist(), abs=1e-5
+    )
 
 
 async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(serve, settings):
     with_identifier = document(NOTES[1], document_id=None) | {"identifier": [{"system": "urn:ed", "value": "n7"}]}
-    entries = [{"fullUrl": "urn:uuid:5b0c6f56-86c5-4d5c-9f87-1c3a3c1c1c1c", "resource": document(NOTES[0], None)},
-               {"resource": with_identifier}]
+    entries = [
+        {"fullUrl": "urn:uuid:5b0c6f56-86c5-4d5c-9f87-1c3a3c1c1c1c", "resource": document(NOTES[0], None)},
+        {"resource": with_identifier},
+    ]
     async with serve(settings()) as client:
         response = await post_fhir(client, {"resourceType": "Bundle", "type": "transaction", "entry": entries})
     [by_url, by_identifier] = [entry.resource.basis[0] for entry in Bundle.model_validate(response.json()).entry]
@@ -106,11 +118,13 @@ async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(serve, 
 async def test_base64_data_is_decoded_in_the_declared_charset(serve, settings, bundle):
     expected = float(bundle.predict_proba([NOTES[0]])[0])
     async with serve(settings()) as client:
-        euc_kr = await post_fhir(client, document(NOTES[0], content_type="text/plain; charset=EUC-KR",
-                                                  encoding="euc-kr"))
+        euc_kr = await post_fhir(
+            client, document(NOTES[0], content_type="text/plain; charset=EUC-KR", encoding="euc-kr")
+        )
         default_utf8 = await post_fhir(client, document(NOTES[0], content_type="text/plain"))
-        mislabelled = await post_fhir(client, document(NOTES[0], content_type="text/plain; charset=utf-8",
-                                                       encoding="euc-kr"))
+        mislabelled = await post_fhir(
+            client, document(NOTES[0], content_type="text/plain; charset=utf-8", encoding="euc-kr")
+        )
         unknown = await post_fhir(client, document(NOTES[1], content_type="text/plain; charset=no-such-charset"))
     for response in (euc_kr, default_utf8):
         probability = RiskAssessment.model_validate(response.json()).prediction[0].probabilityDecimal
@@ -122,10 +136,16 @@ async def test_base64_data_is_decoded_in_the_declared_charset(serve, settings, b
 
 async def test_a_communication_is_classified_from_its_text_payloads(serve, settings, bundle):
     communication = {
-        "resourceType": "Communication", "id": "msg-9", "status": "completed",
-        "subject": {"reference": "Patient/p-2"}, "encounter": {"reference": "Encounter/e-2"},
-        "payload": [{"contentString": NOTES[2]}, {"contentAttachment": attachment("BT 38.9", "text/plain")},
-                    {"contentAttachment": {"contentType": "image/png", "data": "iVBORw0KGgo="}}],
+        "resourceType": "Communication",
+        "id": "msg-9",
+        "status": "completed",
+        "subject": {"reference": "Patient/p-2"},
+        "encounter": {"reference": "Encounter/e-2"},
+        "payload": [
+            {"contentString": NOTES[2]},
+            {"contentAttachment": attachment("BT 38.9", "text/plain")},
+            {"contentAttachment": {"contentType": "image/png", "data": "iVBORw0KGgo="}},
+        ],
     }
     async with serve(settings()) as client:
         response = await post_fhir(client, communication)
@@ -141,32 +161,56 @@ MARKER = "ZQX-FHIR-5521"
 SECRET_NOTE = f"CC: seizure {MARKER}"
 
 
-@pytest.mark.parametrize(("body", "status", "issue_code"), [
-    (b'{"resourceType": "DocumentReference", "status": ', 400, "structure"),
-    (b'["not", "a", "resource"]', 400, "structure"),
-    ({"resourceType": "Patient", "id": "p-1"}, 422, "not-supported"),
-    ({"resourceType": "Bundle", "type": "document", "entry": [{"resource": document(SECRET_NOTE)}]},
-     422, "not-supported"),
-    ({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient"}}]},
-     422, "not-supported"),
-    ({"resourceType": "Bundle", "type": "collection"}, 422, "required"),
-    ({key: value for key, value in document(SECRET_NOTE).items() if key != "status"}, 400, "structure"),
-    (document(SECRET_NOTE) | {"priority": MARKER}, 400, "structure"),
-    (document(SECRET_NOTE) | {"content": [{"attachment": {"contentType": "text/plain", "data": f"{MARKER}!"}}]},
-     400, "structure"),
-    (document(SECRET_NOTE, content_type="application/pdf"), 422, "not-supported"),
-    (document(SECRET_NOTE) | {"content": [{"attachment": {"contentType": "text/plain", "url": "http://x/n"}}]},
-     422, "not-supported"),
-    (document(SECRET_NOTE) | {"content": [{"attachment": attachment(" \n\t ")}]}, 422, "required"),
-    ({key: value for key, value in document(SECRET_NOTE).items() if key != "subject"}, 422, "required"),
-    ({"resourceType": "Communication", "status": "completed", "subject": {"reference": "Patient/p"},
-      "payload": [{"contentReference": {"reference": "Binary/b"}}]}, 422, "required"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "issue_code"),
+    [
+        (b'{"resourceType": "DocumentReference", "status": ', 400, "structure"),
+        (b'["not", "a", "resource"]', 400, "structure"),
+        ({"resourceType": "Patient", "id": "p-1"}, 422, "not-supported"),
+        (
+            {"resourceType": "Bundle", "type": "document", "entry": [{"resource": document(SECRET_NOTE)}]},
+            422,
+            "not-supported",
+        ),
+        (
+            {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": "Patient"}}]},
+            422,
+            "not-supported",
+        ),
+        ({"resourceType": "Bundle", "type": "collection"}, 422, "required"),
+        ({key: value for key, value in document(SECRET_NOTE).items() if key != "status"}, 400, "structure"),
+        (document(SECRET_NOTE) | {"priority": MARKER}, 400, "structure"),
+        (
+            document(SECRET_NOTE) | {"content": [{"attachment": {"contentType": "text/plain", "data": f"{MARKER}!"}}]},
+            400,
+            "structure",
+        ),
+        (document(SECRET_NOTE, content_type="application/pdf"), 422, "not-supported"),
+        (
+            document(SECRET_NOTE) | {"content": [{"attachment": {"contentType": "text/plain", "url": "http://x/n"}}]},
+            422,
+            "not-supported",
+        ),
+        (document(SECRET_NOTE) | {"content": [{"attachment": attachment(" \n\t ")}]}, 422, "required"),
+        ({key: value for key, value in document(SECRET_NOTE).items() if key != "subject"}, 422, "required"),
+        (
+            {
+                "resourceType": "Communication",
+                "status": "completed",
+                "subject": {"reference": "Patient/p"},
+                "payload": [{"contentReference": {"reference": "Binary/b"}}],
+            },
+            422,
+            "required",
+        ),
+    ],
+)
 async def test_invalid_input_gets_an_operation_outcome_without_the_note(serve, settings, body, status, issue_code):
     content = body if isinstance(body, bytes) else None
     async with serve(settings()) as client:
-        response = await client.post(CLASSIFY_PATH, content=content, json=None if content else body,
-                                     headers=FHIR_HEADERS)
+        response = await client.post(
+            CLASSIFY_PATH, content=content, json=None if content else body, headers=FHIR_HEADERS
+        )
     assert response.status_code == status
     assert outcome_of(response).issue[0].code == issue_code
     assert MARKER not in response.text and base64.b64encode(SECRET_NOTE.encode()).decode() not in response.text
@@ -176,7 +220,9 @@ async def test_bodies_refused_before_routing_get_operation_outcomes_too(serve, s
     async with serve(settings(max_body_bytes=2_000)) as client:
         not_utf8 = await client.post(CLASSIFY_PATH, content=b'{"resourceType": "\xff"}', headers=FHIR_HEADERS)
         too_large = await client.post(CLASSIFY_PATH, content=b" " * 2_001, headers=FHIR_HEADERS)
-        plain = await client.post("/classify", content=b'{"text": "\xff"}', headers={"Content-Type": "application/json"})
+        plain = await client.post(
+            "/classify", content=b'{"text": "\xff"}', headers={"Content-Type": "application/json"}
+        )
     assert not_utf8.status_code == 400 and outcome_of(not_utf8).issue[0].code == "structure"
     assert too_large.status_code == 413 and outcome_of(too_large).issue[0].code == "too-long"
     assert plain.status_code == 400 and "UTF-8" in plain.json()["detail"]

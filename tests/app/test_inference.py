@@ -19,8 +19,9 @@ def test_batches_of_pre_tokenized_notes_match_the_bundles_prediction(bundle):
     encoded = classifier.encode(NOTES)
     assert [len(note.ids) for note in encoded] == bundle.count_tokens(NOTES)
     assert not any(note.truncated for note in encoded)
-    np.testing.assert_allclose(classifier.predict([note.ids for note in encoded]), bundle.predict_proba(NOTES),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        classifier.predict([note.ids for note in encoded]), bundle.predict_proba(NOTES), atol=1e-5
+    )
 
 
 def test_notes_over_max_note_tokens_are_cut_and_marked(bundle):

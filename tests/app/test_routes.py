@@ -31,8 +31,12 @@ def slow_model(monkeypatch):
 
 
 def metric_samples(text: str, name: str) -> dict:
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) if family.name == name for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for sample in family.samples
+    }
 
 
 async def test_single_note_gets_the_bundles_probability_and_label(serve, settings, tiny_bundle_dir):
@@ -107,7 +111,7 @@ async def test_oversized_bodies_get_413_with_or_without_content_length(serve, se
 
     async def chunks():
         for start in range(0, len(big), 100):
-            yield big[start:start + 100]
+            yield big[start : start + 100]
 
     async with serve(settings(max_body_bytes=300)) as client:
         declared = await client.post("/classify", content=big, headers={"Content-Type": "application/json"})
@@ -139,15 +143,18 @@ async def test_truncate_classifies_long_notes_and_says_so(serve, settings):
     assert [r["truncated"] for r in response.json()["results"]] == [False, True]
 
 
-@pytest.mark.parametrize("body", [
-    {"notes": []},
-    {"text": "   "},
-    {"notes": [{"text": ""}]},
-    {"notes": [{"id": "same", "text": NOTES[0]}, {"id": "same", "text": NOTES[1]}]},
-    {"notes": [{"text": NOTES[0]}, {"id": "0", "text": NOTES[1]}]},
-    {"text": NOTES[0], "priority": "high"},
-    {"notes": "not a list"},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"notes": []},
+        {"text": "   "},
+        {"notes": [{"text": ""}]},
+        {"notes": [{"id": "same", "text": NOTES[0]}, {"id": "same", "text": NOTES[1]}]},
+        {"notes": [{"text": NOTES[0]}, {"id": "0", "text": NOTES[1]}]},
+        {"text": NOTES[0], "priority": "high"},
+        {"notes": "not a list"},
+    ],
+)
 async def test_invalid_requests_get_422_without_their_input_echoed(serve, settings, body):
     async with serve(settings()) as client:
         response = await client.post("/classify", json=body)
@@ -158,8 +165,9 @@ async def test_invalid_requests_get_422_without_their_input_echoed(serve, settin
 async def test_invalid_json_gets_422_and_non_utf8_gets_400(serve, settings):
     async with serve(settings()) as client:
         broken = await client.post("/classify", content=b'{"text": "a', headers={"Content-Type": "application/json"})
-        latin1 = await client.post("/classify", content='{"text": "café"}'.encode("latin-1"),
-                                   headers={"Content-Type": "application/json"})
+        latin1 = await client.post(
+            "/classify", content='{"text": "café"}'.encode("latin-1"), headers={"Content-Type": "application/json"}
+        )
     assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
     assert latin1.status_code == 400 and "not valid UTF-8" in latin1.json()["detail"]
 

@@ -23,12 +23,15 @@ def test_arguments_override_the_environment(monkeypatch):
     assert Settings(bundle="b", max_wait_ms=2).max_wait_ms == 2
 
 
-@pytest.mark.parametrize("options, fault", [
-    ({"max_notes_per_request": 10, "queue_capacity": 5}, "exceeds queue_capacity"),
-    ({"max_note_tokens": 9000, "max_batch_tokens": 8192}, "exceeds max_batch_tokens"),
-    ({"max_batch_size": 0}, "greater than 0"),
-    ({"variant": "int4"}, "variant"),
-])
+@pytest.mark.parametrize(
+    "options, fault",
+    [
+        ({"max_notes_per_request": 10, "queue_capacity": 5}, "exceeds queue_capacity"),
+        ({"max_note_tokens": 9000, "max_batch_tokens": 8192}, "exceeds max_batch_tokens"),
+        ({"max_batch_size": 0}, "greater than 0"),
+        ({"variant": "int4"}, "variant"),
+    ],
+)
 def test_inconsistent_settings_are_refused(options, fault):
     with pytest.raises(ValidationError, match=fault):
         Settings(bundle="b", **options)

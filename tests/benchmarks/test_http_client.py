@@ -16,8 +16,9 @@ def json_answer(body: bytes, extra_headers: str = "") -> bytes:
     return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{extra_headers}\r\n".encode() + body
 
 
-async def with_server(answer: Answer, test: Callable[[str, list[int]], Awaitable[None]],
-                      idle_timeout_s: float = 60) -> None:
+async def with_server(
+    answer: Answer, test: Callable[[str, list[int]], Awaitable[None]], idle_timeout_s: float = 60
+) -> None:
     """Run `test(url, connections)` against a server that answers each request with `answer(body)` and
     closes a connection idle for `idle_timeout_s`; `connections` counts the connections it accepted."""
     connections: list[int] = []
@@ -27,8 +28,11 @@ async def with_server(answer: Answer, test: Callable[[str, list[int]], Awaitable
         try:
             while True:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), idle_timeout_s)
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
                 writer.write(answer(await reader.readexactly(length)))
                 await writer.drain()
         except (asyncio.IncompleteReadError, TimeoutError):
@@ -101,8 +105,15 @@ def test_no_answer_times_out() -> None:
     asyncio.run(with_server(lambda body: b"", test))
 
 
-@pytest.mark.parametrize("url", ["http://localhost:8000/classify", "http://10.0.0.1:8000/classify",
-                                 "https://127.0.0.1:8000/classify", "http://127.0.0.1/classify"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:8000/classify",
+        "http://10.0.0.1:8000/classify",
+        "https://127.0.0.1:8000/classify",
+        "http://127.0.0.1/classify",
+    ],
+)
 def test_only_plain_http_to_127_0_0_1_with_a_port(url: str) -> None:
     with pytest.raises(ValueError, match="127.0.0.1"):
         HttpClient(url, max_connections=1, timeout_s=1)

@@ -18,16 +18,22 @@ def flat_samples() -> np.ndarray:
 
 
 def test_all_answered_once_is_reported_as_such() -> None:
-    tally = Tally(sent=3, answered=Counter({"soak-0": 1, "soak-1": 1, "soak-2": 1}), latencies_ms=[5.0, 6.0, 7.0],
-                  seconds=3.0)
+    tally = Tally(
+        sent=3, answered=Counter({"soak-0": 1, "soak-1": 1, "soak-2": 1}), latencies_ms=[5.0, 6.0, 7.0], seconds=3.0
+    )
     summary = "\n".join(summary_lines(tally, flat_samples(), ARGS))
     assert "every request answered exactly once: yes" in summary
     assert "memory flat (second-half slope below 0.5 MB/min): yes" in summary
 
 
 def test_duplicates_missing_unsent_ids_and_errors_are_counted() -> None:
-    tally = Tally(sent=4, answered=Counter({"soak-0": 2, "soak-1": 1, "other-9": 1}),
-                  errors=Counter({"503": 1}), latencies_ms=[5.0, 5.0, 6.0, 7.0], seconds=4.0)
+    tally = Tally(
+        sent=4,
+        answered=Counter({"soak-0": 2, "soak-1": 1, "other-9": 1}),
+        errors=Counter({"503": 1}),
+        latencies_ms=[5.0, 5.0, 6.0, 7.0],
+        seconds=4.0,
+    )
     summary = "\n".join(summary_lines(tally, flat_samples(), ARGS))
     assert "twice or more 1, never 2, not sent 1; errors 1 (503: 1)" in summary
     assert "every request answered exactly once: NO" in summary

@@ -110,9 +110,7 @@ def test_fixed_policy():
     ],
 )
 def test_target_sensitivity_policy_is_the_highest_threshold_reaching_the_target(target, expected):
-    threshold = choose_threshold(
-        "target-sensitivity", valid_labels=LABELS, valid_prob=PROBS, target_sensitivity=target
-    )
+    threshold = choose_threshold("target-sensitivity", valid_labels=LABELS, valid_prob=PROBS, target_sensitivity=target)
     assert threshold == expected
     assert compute_metrics(LABELS, PROBS, threshold)["sensitivity"] >= target
     assert compute_metrics(LABELS, PROBS, threshold + 1e-9)["sensitivity"] < target

@@ -32,9 +32,13 @@ def tiny_run(tmp_path_factory, notes, tiny_bert_dir):
     root = tmp_path_factory.mktemp("export-run")
     data = root / "synthetic_notes.csv"
     pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
-    return fit(DataArguments(data=str(data)), ModelArguments(student=str(tiny_bert_dir), max_length=MAX_TOKENS),
-               TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
-               DistillArguments(), EvalArguments(bootstrap=20))
+    return fit(
+        DataArguments(data=str(data)),
+        ModelArguments(student=str(tiny_bert_dir), max_length=MAX_TOKENS),
+        TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
+        DistillArguments(),
+        EvalArguments(bootstrap=20),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +59,18 @@ def held_out(parts):
 
 def test_bundle_predicts_like_pytorch(bundle, tiny_run, held_out):
     checkpoint = checkpoint_dir(tiny_run, "auroc")
-    expected, _ = predict_proba(load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), held_out,
-                                max_length=MAX_TOKENS)
+    expected, _ = predict_proba(
+        load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), held_out, max_length=MAX_TOKENS
+    )
     loaded = load_bundle(bundle, variant="fp32", providers=CPU)
     np.testing.assert_allclose(loaded.predict_proba(held_out), expected, atol=1e-4)
 
 
 def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle, tiny_run, parts):
     checkpoint = checkpoint_dir(tiny_run, "auroc")
-    torch_probs, _ = predict_proba(load_student(str(checkpoint)), load_tokenizer(str(checkpoint)),
-                                   parts["valid"].texts, max_length=MAX_TOKENS)
+    torch_probs, _ = predict_proba(
+        load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), parts["valid"].texts, max_length=MAX_TOKENS
+    )
     torch_auroc = roc_auc_score(parts["valid"].labels, torch_probs)
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     assert set(manifest.variants) == {"fp32", "int8", "fp16"}
@@ -96,10 +102,12 @@ def int8_file(bundle, parts, tmp_path_factory):
 def test_int8_quantizes_every_matmul_but_the_feed_forward_down_projections(int8_file):
     graph = onnx.load(str(int8_file)).graph
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
-    int8_inputs = {node.name: all(name in dequantized for name in node.input)
-                   for node in graph.node if node.op_type == "MatMul"}
+    int8_inputs = {
+        node.name: all(name in dequantized for name in node.input) for node in graph.node if node.op_type == "MatMul"
+    }
     assert sorted(name for name, int8 in int8_inputs.items() if not int8) == [
-        f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in range(2)]  # the tiny BERT has 2 layers
+        f"/bert/encoder/layer.{i}/output/dense/MatMul" for i in range(2)
+    ]  # the tiny BERT has 2 layers
     assert sum(int8_inputs.values()) >= 8  # per layer: Q, K, V, QK^T, AV, attention output, FFN up
     assert all(FFN_DOWN.search(name) for name, int8 in int8_inputs.items() if not int8)
 
@@ -112,8 +120,9 @@ def test_int8_scores_a_note_the_same_alone_and_in_any_batch(int8_file, bundle, h
     alone = onnx_predict_proba(session, tokenizer, held_out, batch_size=1)
     np.testing.assert_allclose(onnx_predict_proba(session, tokenizer, held_out, batch_size=32), alone, atol=1e-5)
     reversed_notes = held_out[::-1]
-    np.testing.assert_allclose(onnx_predict_proba(session, tokenizer, reversed_notes, batch_size=7), alone[::-1],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        onnx_predict_proba(session, tokenizer, reversed_notes, batch_size=7), alone[::-1], atol=1e-5
+    )
 
 
 def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
@@ -136,18 +145,27 @@ def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
 def test_model_card_is_written(bundle):
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     card = (bundle / "MODEL_CARD.md").read_text()
-    for section in ("## Intended use", "## Training data", "## Test metrics", "## Calibration",
-                    "## Decision threshold", "## Known limitations"):
+    for section in (
+        "## Intended use",
+        "## Training data",
+        "## Test metrics",
+        "## Calibration",
+        "## Decision threshold",
+        "## Known limitations",
+    ):
         assert section in card
     assert "not a diagnosis" in card and "synthetic_notes.csv" in card
     assert f"{manifest.test_metrics['threshold_free']['auroc']['value']:.3f}" in card
     assert f">= {manifest.decision.threshold:.4f}" in card
 
 
-@pytest.mark.parametrize(("limit", "reason"), [
-    ({"tolerance": -1.0}, "tolerance"),  # asks every variant to beat PyTorch's AUROC
-    ({"batch_shift_atol": -1.0}, "batched with it"),  # asks for a negative change
-])
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [
+        ({"tolerance": -1.0}, "tolerance"),  # asks every variant to beat PyTorch's AUROC
+        ({"batch_shift_atol": -1.0}, "batched with it"),  # asks for a negative change
+    ],
+)
 def test_variants_failing_a_limit_are_dropped_with_figures_kept(tiny_run, tmp_path, limit, reason):
     bundle = export_bundle(tiny_run, tmp_path / "strict", **limit)
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())

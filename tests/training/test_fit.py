@@ -32,16 +32,29 @@ def train_args(out, **overrides):
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, notes_csv, tiny_bert_dir):
     out = tmp_path_factory.mktemp("runs") / "base"
-    fit(DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64),
-        train_args(out), DistillArguments(), EvalArguments(bootstrap=200))
+    fit(
+        DataArguments(data=str(notes_csv)),
+        ModelArguments(student=str(tiny_bert_dir), max_length=64),
+        train_args(out),
+        DistillArguments(),
+        EvalArguments(bootstrap=200),
+    )
     return out
 
 
 def test_base_run_learns_and_writes_everything(base_run):
     report = json.loads((base_run / "eval" / "metrics.json").read_text())
     assert report["threshold_free"]["auroc"]["value"] > 0.9  # learnable fixture: chance is 0.5
-    for name in ("run_config.json", "split.json", "history.jsonl", "train_summary.json",
-                 "eval/report.md", "eval/roc.png", "eval/pr.png", "eval/reliability.png"):
+    for name in (
+        "run_config.json",
+        "split.json",
+        "history.jsonl",
+        "train_summary.json",
+        "eval/report.md",
+        "eval/roc.png",
+        "eval/pr.png",
+        "eval/reliability.png",
+    ):
         assert (base_run / name).stat().st_size > 0, name
     history = [json.loads(line) for line in (base_run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
@@ -52,7 +65,8 @@ def test_base_run_learns_and_writes_everything(base_run):
     assert list(predictions.columns) == ["row_id", "label", "p_emergency"]  # no text
     assert len(predictions) == report["counts"]["n"] and predictions["p_emergency"].between(0, 1).all()
     assert roc_auc_score(predictions["label"], predictions["p_emergency"]) == pytest.approx(
-        report["threshold_free"]["auroc"]["value"])
+        report["threshold_free"]["auroc"]["value"]
+    )
     decision = json.loads((checkpoint_dir(base_run, "auroc") / "checkpoint.json").read_text())["decision"]
     assert decision["policy"] == "prevalence"
     assert decision["threshold"] == pytest.approx(0.5, abs=0.02)  # synthetic notes are half emergencies
@@ -91,16 +105,23 @@ def test_parameter_groups_split_head_from_encoder(tiny_bert_dir):
 def test_same_seed_same_training(tmp_path, notes_csv, tiny_bert_dir):
     histories = []
     for name in ("a", "b"):
-        fit(DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64),
-            train_args(tmp_path / name, epochs=1, max_steps=3), DistillArguments(), EvalArguments(bootstrap=10))
+        fit(
+            DataArguments(data=str(notes_csv)),
+            ModelArguments(student=str(tiny_bert_dir), max_length=64),
+            train_args(tmp_path / name, epochs=1, max_steps=3),
+            DistillArguments(),
+            EvalArguments(bootstrap=10),
+        )
         histories.append(json.loads((tmp_path / name / "history.jsonl").read_text())["valid"])
     assert histories[0] == histories[1]
 
 
 def test_cli_config_file_with_flag_override(tmp_path, notes_csv, tiny_bert_dir):
     config = tmp_path / "run.yaml"
-    config.write_text(f"data:\n  data: {notes_csv}\nmodel:\n  student: {tiny_bert_dir}\n  max_length: 48\n"
-                      f"training:\n  epochs: 5\n  max_steps: 2\n  batch_size: 32\nevaluation:\n  bootstrap: 10\n")
+    config.write_text(
+        f"data:\n  data: {notes_csv}\nmodel:\n  student: {tiny_bert_dir}\n  max_length: 48\n"
+        f"training:\n  epochs: 5\n  max_steps: 2\n  batch_size: 32\nevaluation:\n  bootstrap: 10\n"
+    )
     out = tmp_path / "cli-run"
     result = CliRunner().invoke(app, ["fit", "--config", str(config), "--epochs", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -137,13 +158,20 @@ def test_cli_rejects_unknown_config_keys(tmp_path):
 
 def test_frozen_embeddings_stay_put(tmp_path, notes_csv, tiny_bert_dir):
     out = tmp_path / "frozen"
-    fit(DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64),
-        train_args(out, epochs=1, max_steps=3, freeze_embeddings=True), DistillArguments(), EvalArguments(bootstrap=10))
+    fit(
+        DataArguments(data=str(notes_csv)),
+        ModelArguments(student=str(tiny_bert_dir), max_length=64),
+        train_args(out, epochs=1, max_steps=3, freeze_embeddings=True),
+        DistillArguments(),
+        EvalArguments(bootstrap=10),
+    )
     before = load_student(str(tiny_bert_dir)).get_input_embeddings().weight
     after = load_student(str(checkpoint_dir(out, "loss"))).get_input_embeddings().weight
     assert torch.equal(before, after)
-    assert not torch.equal(load_student(str(tiny_bert_dir)).bert.encoder.layer[0].output.dense.weight,
-                           load_student(str(checkpoint_dir(out, "loss"))).bert.encoder.layer[0].output.dense.weight)
+    assert not torch.equal(
+        load_student(str(tiny_bert_dir)).bert.encoder.layer[0].output.dense.weight,
+        load_student(str(checkpoint_dir(out, "loss"))).bert.encoder.layer[0].output.dense.weight,
+    )
 
 
 def test_cli_pretrain_needs_its_required_options():

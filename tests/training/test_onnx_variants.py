@@ -25,22 +25,37 @@ DYNAMIC = ("batch_size", "sequence_length")
 
 
 def test_accepts_a_classifier_graph_with_dynamic_axes(tmp_path):
-    check_graph(save_graph(tmp_path / "ok.onnx", [("input_ids", DYNAMIC), ("attention_mask", DYNAMIC),
-                                                  ("token_type_ids", DYNAMIC)]))
+    check_graph(
+        save_graph(
+            tmp_path / "ok.onnx", [("input_ids", DYNAMIC), ("attention_mask", DYNAMIC), ("token_type_ids", DYNAMIC)]
+        )
+    )
 
 
 @pytest.mark.parametrize(
     ("inputs", "output", "message"),
     [
         ([("input_ids", DYNAMIC)], ("logits", ("batch_size", 2)), "missing input 'attention_mask'"),
-        ([("input_ids", (1, 16)), ("attention_mask", DYNAMIC)], ("logits", ("batch_size", 2)),
-         "input 'input_ids' is not \\[batch, sequence\\] with dynamic axes"),
-        ([("input_ids", DYNAMIC), ("attention_mask", DYNAMIC), ("pixel_values", DYNAMIC)],
-         ("logits", ("batch_size", 2)), "unexpected input 'pixel_values'"),
-        ([("input_ids", DYNAMIC), ("attention_mask", DYNAMIC)], ("scores", ("batch_size", 2)),
-         "missing output 'logits'"),
-        ([("input_ids", DYNAMIC), ("attention_mask", DYNAMIC)], ("logits", ("batch_size", 3)),
-         "output 'logits' is not \\[batch, 2\\]"),
+        (
+            [("input_ids", (1, 16)), ("attention_mask", DYNAMIC)],
+            ("logits", ("batch_size", 2)),
+            "input 'input_ids' is not \\[batch, sequence\\] with dynamic axes",
+        ),
+        (
+            [("input_ids", DYNAMIC), ("attention_mask", DYNAMIC), ("pixel_values", DYNAMIC)],
+            ("logits", ("batch_size", 2)),
+            "unexpected input 'pixel_values'",
+        ),
+        (
+            [("input_ids", DYNAMIC), ("attention_mask", DYNAMIC)],
+            ("scores", ("batch_size", 2)),
+            "missing output 'logits'",
+        ),
+        (
+            [("input_ids", DYNAMIC), ("attention_mask", DYNAMIC)],
+            ("logits", ("batch_size", 3)),
+            "output 'logits' is not \\[batch, 2\\]",
+        ),
     ],
 )
 def test_rejects_graphs_the_service_cannot_feed(tmp_path, inputs, output, message):

@@ -5,5 +5,12 @@ from training.data.readers import read_table
 from training.data.split import Split, load_split, make_split
 
 __all__ = [
-    "DataError", "Examples", "Split", "build_examples", "load_split", "make_split", "parse_label_map", "read_table",
+    "DataError",
+    "Examples",
+    "Split",
+    "build_examples",
+    "load_split",
+    "make_split",
+    "parse_label_map",
+    "read_table",
 ]

@@ -24,8 +24,20 @@ LABEL_COLUMN = "KTAS_expert"
 EMERGENCY_LEVELS = {"1", "2", "3"}
 NON_EMERGENCY_LEVELS = {"4", "5"}
 TRIAGE_COLUMNS = [
-    "Sex", "Age", "Arrival mode", "Injury", "Chief_complain", "Mental", "Pain", "NRS_pain",
-    "SBP", "DBP", "HR", "RR", "BT", "Saturation",
+    "Sex",
+    "Age",
+    "Arrival mode",
+    "Injury",
+    "Chief_complain",
+    "Mental",
+    "Pain",
+    "NRS_pain",
+    "SBP",
+    "DBP",
+    "HR",
+    "RR",
+    "BT",
+    "Saturation",
 ]
 
 SEX = {"1": "F", "2": "M"}
@@ -55,8 +67,11 @@ def ktas_note(row: dict[str, str]) -> str:
         facts.append(f"BP {get['SBP']}/{get['DBP']}")
     elif get["SBP"]:
         facts.append(f"SBP {get['SBP']}")
-    facts += [f"{name} {get[col]}" for name, col in (("HR", "HR"), ("RR", "RR"), ("BT", "BT"), ("SpO2", "Saturation"))
-              if get[col]]
+    facts += [
+        f"{name} {get[col]}"
+        for name, col in (("HR", "HR"), ("RR", "RR"), ("BT", "BT"), ("SpO2", "Saturation"))
+        if get[col]
+    ]
     complaint = " ".join(get["Chief_complain"].split())
     head = f"CC: {complaint}. " if not NO_LETTERS.match(complaint) else ""
     return head + ", ".join(facts)

@@ -34,12 +34,16 @@ def load_parts(args: DataArguments, run_dir: Path | None = None) -> dict[str, Ex
     if bool(args.valid_file) != bool(args.test_file):
         raise DataError("--valid-file and --test-file go together")
     if args.valid_file:
-        parts = {name: load_examples(args, p) for name, p in
-                 (("train", args.data), ("valid", args.valid_file), ("test", args.test_file))}
+        parts = {
+            name: load_examples(args, p)
+            for name, p in (("train", args.data), ("valid", args.valid_file), ("test", args.test_file))
+        }
     else:
         examples = load_examples(args)
-        split = load_split(Path(args.split_file)) if args.split_file else make_split(
-            examples, args.valid_fraction, args.test_fraction, args.split_seed
+        split = (
+            load_split(Path(args.split_file))
+            if args.split_file
+            else make_split(examples, args.valid_fraction, args.test_fraction, args.split_seed)
         )
         if run_dir is not None:
             split.save(run_dir / "split.json")

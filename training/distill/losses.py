@@ -112,12 +112,15 @@ def logit_distill_loss(
         raise ValueError(
             f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
         )
-    return F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    ) * temperature**2
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / temperature, dim=-1),
+            F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
 
 
 class MultiLevelDistillLoss(nn.Module):

@@ -32,17 +32,33 @@ class DistillCollator:
 
     def __call__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         texts = [self.examples.texts[i] for i in positions]
-        student = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_offsets_mapping=True, return_tensors="pt")
-        teacher = self.teacher_tokenizer(texts, padding=True, truncation=True, max_length=self.teacher_max_length,
-                                         return_offsets_mapping=True, return_tensors="pt")
-        alignment = align_words(texts, student.pop("offset_mapping"), teacher.pop("offset_mapping"),
-                                self.word_policy, self.max_words)
+        student = self.tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        teacher = self.teacher_tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.teacher_max_length,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        alignment = align_words(
+            texts, student.pop("offset_mapping"), teacher.pop("offset_mapping"), self.word_policy, self.max_words
+        )
         batch = {k: v for k, v in student.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         batch.update(
-            teacher_input_ids=teacher["input_ids"], teacher_attention_mask=teacher["attention_mask"],
-            word_index=alignment.student_word_index, teacher_word_index=alignment.teacher_word_index,
-            word_mask=alignment.word_mask, labels=torch.as_tensor(self.examples.labels[positions]),
+            teacher_input_ids=teacher["input_ids"],
+            teacher_attention_mask=teacher["attention_mask"],
+            word_index=alignment.student_word_index,
+            teacher_word_index=alignment.teacher_word_index,
+            word_mask=alignment.word_mask,
+            labels=torch.as_tensor(self.examples.labels[positions]),
             positions=torch.as_tensor(positions),
         )
         return batch
@@ -51,16 +67,31 @@ class DistillCollator:
 class DistillObjective:
     """`mlkd`: CE + alpha * hidden loss + beta * attention loss (+ optional logit distillation)."""
 
-    def __init__(self, tokenizer, teacher_tokenizer, teacher: PreTrainedModel, loss: MultiLevelDistillLoss,
-                 args: DistillArguments, max_length: int, teacher_max_length: int):
+    def __init__(
+        self,
+        tokenizer,
+        teacher_tokenizer,
+        teacher: PreTrainedModel,
+        loss: MultiLevelDistillLoss,
+        args: DistillArguments,
+        max_length: int,
+        teacher_max_length: int,
+    ):
         self.tokenizer, self.teacher_tokenizer, self.teacher = tokenizer, teacher_tokenizer, teacher
         self.distill_loss, self.args = loss, args
         self.max_length, self.teacher_max_length = max_length, teacher_max_length
         self.cache: TeacherCache | None = None
 
     def collator(self, examples: Examples) -> DistillCollator:
-        return DistillCollator(examples, self.tokenizer, self.teacher_tokenizer, self.max_length,
-                               self.teacher_max_length, self.args.word_policy, self.args.max_words)
+        return DistillCollator(
+            examples,
+            self.tokenizer,
+            self.teacher_tokenizer,
+            self.max_length,
+            self.teacher_max_length,
+            self.args.word_policy,
+            self.args.max_words,
+        )
 
     def extra_modules(self) -> list[nn.Module]:
         return [self.distill_loss]
@@ -69,8 +100,9 @@ class DistillObjective:
         return int(batch["word_mask"].sum())
 
     def build_cache(self, examples: Examples, batch_size: int, device: torch.device) -> None:
-        loader = torch.utils.data.DataLoader(range(len(examples)), batch_size=batch_size,
-                                             collate_fn=self.collator(examples))
+        loader = torch.utils.data.DataLoader(
+            range(len(examples)), batch_size=batch_size, collate_fn=self.collator(examples)
+        )
         self.cache = TeacherCache.build(self.teacher, self.distill_loss, loader, len(examples), device)
         self.teacher = None  # the cache replaces it: free its memory
 
@@ -79,13 +111,20 @@ class DistillObjective:
             return self.cache.lookup(batch["positions"], batch["word_mask"].shape[1], batch["word_mask"].device)
         return run_teacher(self.teacher, self.distill_loss, batch)
 
-    def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int,
-             accum_words: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int, accum_words: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         outputs = model(**model_inputs(batch), output_hidden_states=True, output_attentions=True)
         ce = F.cross_entropy(outputs.logits.float(), batch["labels"])
         teacher = self.teacher_outputs(batch)
-        kd = self.distill_loss(outputs.hidden_states, outputs.attentions, batch["word_index"], batch["word_mask"],
-                               teacher.words, normalizer=accum_words)
+        kd = self.distill_loss(
+            outputs.hidden_states,
+            outputs.attentions,
+            batch["word_index"],
+            batch["word_mask"],
+            teacher.words,
+            normalizer=accum_words,
+        )
         total = ce / accum_steps + kd.total
         logs = {"ce": ce.item(), "hidden": kd.hidden.item(), "attention": kd.attention.item(), "words": kd.num_words}
         target, target_loss = self.prediction_target(teacher, outputs.logits.float(), batch["labels"])
@@ -95,8 +134,9 @@ class DistillObjective:
             logs["logit"] = logit.item()
         return total, logs
 
-    def prediction_target(self, teacher: TeacherOutputs, student_logits: torch.Tensor, labels: torch.Tensor
-                          ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def prediction_target(
+        self, teacher: TeacherOutputs, student_logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Logits the student's prediction is distilled towards (if any), and the loss of what made them."""
         target = teacher.logits if self.args.logit_weight > 0 else None
         return target, torch.zeros((), device=student_logits.device)
@@ -119,8 +159,9 @@ class EnsembleObjective(DistillObjective):
     def extra_modules(self) -> list[nn.Module]:
         return [self.distill_loss, self.probe]
 
-    def prediction_target(self, teacher: TeacherOutputs, student_logits: torch.Tensor, labels: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    def prediction_target(
+        self, teacher: TeacherOutputs, student_logits: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         probe_logits = self.probe(teacher.sentence)
         return ((student_logits + probe_logits) / 2).detach(), F.cross_entropy(probe_logits, labels)
 
@@ -135,17 +176,24 @@ def parse_layer_map(spec: str | None) -> list[tuple[int, int]] | None:
         raise ConfigError(f"--layer-map {spec!r}: expected pairs like '2:1,4:2'") from err
 
 
-def build_distill_objective(method: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                            model_args: ModelArguments, args: DistillArguments, train: Examples,
-                            device: torch.device) -> DistillObjective:
+def build_distill_objective(
+    method: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_args: ModelArguments,
+    args: DistillArguments,
+    train: Examples,
+    device: torch.device,
+) -> DistillObjective:
     if args.word_policy not in ("latin", "all"):
         raise ConfigError(f"--word-policy must be latin or all, not {args.word_policy!r}")
     uses_teacher_head = method == "mlkd" and args.logit_weight > 0
     teacher = load_teacher(model_args.teacher, with_head=uses_teacher_head).to(device)
     if uses_teacher_head and teacher.config.num_labels != model.config.num_labels:
         raise ConfigError("--logit-weight with mlkd needs a teacher with a two-label classification head")
-    options = DistillLossOptions(args.alpha, args.beta, args.hidden_loss, args.attention_loss,
-                                 parse_layer_map(args.layer_map))
+    options = DistillLossOptions(
+        args.alpha, args.beta, args.hidden_loss, args.attention_loss, parse_layer_map(args.layer_map)
+    )
     loss = MultiLevelDistillLoss(model.config, teacher.config, options).to(device)
     teacher_tokenizer = load_tokenizer(model_args.teacher)
     teacher_max_length = min(model_args.max_length, teacher.config.max_position_embeddings)
@@ -153,11 +201,13 @@ def build_distill_objective(method: str, model: PreTrainedModel, tokenizer: PreT
         probe = nn.Linear(teacher.config.hidden_size, model.config.num_labels).to(device)
         # The ensemble target is what this method adds: weight 1 unless --logit-weight says otherwise.
         args = replace(args, logit_weight=args.logit_weight or 1.0)
-        objective = EnsembleObjective(tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length,
-                                      teacher_max_length, probe=probe)
+        objective = EnsembleObjective(
+            tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length, teacher_max_length, probe=probe
+        )
     else:
-        objective = DistillObjective(tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length,
-                                     teacher_max_length)
+        objective = DistillObjective(
+            tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length, teacher_max_length
+        )
     if args.teacher_cache:
         objective.build_cache(train, batch_size=32, device=device)
     return objective

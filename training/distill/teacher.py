@@ -31,10 +31,13 @@ class TeacherOutputs:
 
 
 @torch.no_grad()
-def run_teacher(teacher: PreTrainedModel, loss: MultiLevelDistillLoss, batch: dict[str, torch.Tensor]) -> TeacherOutputs:
+def run_teacher(
+    teacher: PreTrainedModel, loss: MultiLevelDistillLoss, batch: dict[str, torch.Tensor]
+) -> TeacherOutputs:
     mask = batch["teacher_attention_mask"]
-    outputs = teacher(input_ids=batch["teacher_input_ids"], attention_mask=mask,
-                      output_hidden_states=True, output_attentions=True)
+    outputs = teacher(
+        input_ids=batch["teacher_input_ids"], attention_mask=mask, output_hidden_states=True, output_attentions=True
+    )
     words = loss.teacher_word_features(outputs, batch["teacher_word_index"], batch["word_mask"].shape[1])
     weights = mask[:, :, None].float()
     sentence = (outputs.hidden_states[-1].float() * weights).sum(1) / weights.sum(1).clamp(min=1)
@@ -57,8 +60,9 @@ class TeacherCache:
     logits: torch.Tensor | None  # [N, C]
 
     @classmethod
-    def build(cls, teacher: PreTrainedModel, loss: MultiLevelDistillLoss, loader, size: int,
-              device: torch.device) -> TeacherCache:
+    def build(
+        cls, teacher: PreTrainedModel, loss: MultiLevelDistillLoss, loader, size: int, device: torch.device
+    ) -> TeacherCache:
         cache = None
         for batch in tqdm(loader, desc="teacher cache", unit="batch", leave=False):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -66,9 +70,12 @@ class TeacherCache:
             if cache is None:
                 layers, _, _, width = out.words.hidden.shape
                 heads, words = out.words.attention.shape[2], loader.collate_fn.max_words
-                cache = cls(torch.zeros(size, layers, words, width), torch.zeros(size, layers, heads, words, words),
-                            torch.zeros(size, out.sentence.shape[-1]),
-                            None if out.logits is None else torch.zeros(size, out.logits.shape[-1]))
+                cache = cls(
+                    torch.zeros(size, layers, words, width),
+                    torch.zeros(size, layers, heads, words, words),
+                    torch.zeros(size, out.sentence.shape[-1]),
+                    None if out.logits is None else torch.zeros(size, out.logits.shape[-1]),
+                )
             rows, w = batch["positions"].cpu(), out.words.hidden.shape[2]
             cache.hidden[rows, :, :w] = out.words.hidden.transpose(0, 1).cpu()
             cache.attention[rows, :, :, :w, :w] = out.words.attention.transpose(0, 1).cpu()

@@ -7,8 +7,15 @@ from training.data import DataError
 from training.data.ktas import BUNDLED_KTAS, TRIAGE_COLUMNS, ktas_examples, ktas_note, load_ktas
 from training.data.readers import read_table
 
-POST_TRIAGE = ["KTAS_RN", "Diagnosis in ED", "Disposition", "Error_group", "Length of stay_min",
-               "KTAS duration_min", "mistriage"]
+POST_TRIAGE = [
+    "KTAS_RN",
+    "Diagnosis in ED",
+    "Disposition",
+    "Error_group",
+    "Length of stay_min",
+    "KTAS duration_min",
+    "mistriage",
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +29,30 @@ def test_bundled_file_counts_match_its_readme(ktas):
 
 
 def test_first_note_reads_like_a_triage_note(ktas):
-    assert ktas.texts[0] == ("CC: right ocular pain. 71M, private vehicle, injury, alert, NRS 2, BP 160/100, "
-                             "HR 84, RR 18, BT 36.6, SpO2 100")
+    assert ktas.texts[0] == (
+        "CC: right ocular pain. 71M, private vehicle, injury, alert, NRS 2, BP 160/100, HR 84, RR 18, BT 36.6, SpO2 100"
+    )
 
 
 def test_missing_values_are_omitted_not_invented():
-    note = ktas_note({"Sex": "1", "Age": "40", "Arrival mode": "1", "Injury": "1", "Chief_complain": "dizziness",
-                      "Mental": "1", "Pain": "0", "NRS_pain": "", "SBP": "120", "DBP": "", "HR": "", "RR": "",
-                      "BT": "36.8", "Saturation": ""})
+    note = ktas_note(
+        {
+            "Sex": "1",
+            "Age": "40",
+            "Arrival mode": "1",
+            "Injury": "1",
+            "Chief_complain": "dizziness",
+            "Mental": "1",
+            "Pain": "0",
+            "NRS_pain": "",
+            "SBP": "120",
+            "DBP": "",
+            "HR": "",
+            "RR": "",
+            "BT": "36.8",
+            "Saturation": "",
+        }
+    )
     assert note == "CC: dizziness. 40F, walk-in, no injury, alert, no pain, SBP 120, BT 36.8"
 
 

@@ -51,7 +51,9 @@ def _bytelevel_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(
         corpus,
         trainers.BpeTrainer(
-            vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            vocab_size=400,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         ),
     )
@@ -73,8 +75,12 @@ def tokenizers(tiny_bert_dir, notes) -> dict[str, PreTrainedTokenizerFast]:
 
 def offsets(tokenizer: PreTrainedTokenizerFast, texts: list[str], max_length: int | None = None) -> torch.Tensor:
     encoded = tokenizer(
-        texts, padding=True, truncation=max_length is not None, max_length=max_length,
-        return_offsets_mapping=True, return_tensors="pt",
+        texts,
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_tensors="pt",
     )
     return encoded["offset_mapping"]
 
@@ -90,7 +96,7 @@ def reference_word_index(text: str, token_offsets: list[tuple[int, int]], words:
 
 
 def word_texts(text: str, words: list[Word]) -> list[str]:
-    return [text[w.start:w.end] for w in words]
+    return [text[w.start : w.end] for w in words]
 
 
 # --- split_words ---------------------------------------------------------------------------------
@@ -98,9 +104,15 @@ def word_texts(text: str, words: list[Word]) -> list[str]:
 
 def test_split_words_on_a_mixed_korean_english_note():
     words = split_words(EXAMPLE)
-    assert [(EXAMPLE[w.start:w.end], w.script) for w in words] == [
-        ("3", Script.NUMBER), ("세", Script.HANGUL), ("남아", Script.HANGUL), ("fever", Script.LATIN),
-        ("39.2", Script.NUMBER), ("vomiting", Script.LATIN), ("3", Script.NUMBER), ("회", Script.HANGUL),
+    assert [(EXAMPLE[w.start : w.end], w.script) for w in words] == [
+        ("3", Script.NUMBER),
+        ("세", Script.HANGUL),
+        ("남아", Script.HANGUL),
+        ("fever", Script.LATIN),
+        ("39.2", Script.NUMBER),
+        ("vomiting", Script.LATIN),
+        ("3", Script.NUMBER),
+        ("회", Script.HANGUL),
         ("lethargy", Script.LATIN),
     ]
 
@@ -158,7 +170,15 @@ def test_policy_all_aligns_every_word(tokenizers, student, teacher):
         [EXAMPLE], offsets(tokenizers[student], [EXAMPLE]), offsets(tokenizers[teacher], [EXAMPLE]), policy="all"
     )
     assert word_texts(EXAMPLE, alignment.words[0]) == [
-        "3", "세", "남아", "fever", "39.2", "vomiting", "3", "회", "lethargy"
+        "3",
+        "세",
+        "남아",
+        "fever",
+        "39.2",
+        "vomiting",
+        "3",
+        "회",
+        "lethargy",
     ]
     assert alignment.num_words == 9
 

@@ -106,7 +106,10 @@ def make_case(shape: str, hidden_loss: str, attention_loss: str, words_per_note:
         tensor.requires_grad_()
     num_words = max(words_per_note)
     return SimpleNamespace(
-        loss=loss, options=options, student=student, teacher=teacher,
+        loss=loss,
+        options=options,
+        student=student,
+        teacher=teacher,
         student_index=random_word_index(words_per_note, s_tokens, generator),
         teacher_index=random_word_index(words_per_note, t_tokens, generator),
         word_mask=torch.arange(num_words) < torch.tensor(words_per_note)[:, None],
@@ -127,8 +130,15 @@ def test_loss_matches_the_per_word_loop(shape, hidden_loss, attention_loss):
     case = make_case(shape, hidden_loss, attention_loss, words_per_note=[3, 1, 0, 4])
     output = run(case)
     expected_total, expected_hidden, expected_attention = reference_loss(
-        case.student, case.teacher, case.student_index, case.teacher_index, case.word_mask,
-        case.loss.layer_map, case.loss.projection, case.options, case.loss.average_heads,
+        case.student,
+        case.teacher,
+        case.student_index,
+        case.teacher_index,
+        case.word_mask,
+        case.loss.layer_map,
+        case.loss.projection,
+        case.options,
+        case.loss.average_heads,
     )
     assert output.num_words == 8
     torch.testing.assert_close(output.hidden, expected_hidden.detach(), rtol=1e-5, atol=1e-5)
@@ -149,8 +159,15 @@ def test_gradients_match_the_loop_and_reach_only_the_student(hidden_loss, attent
     for tensor in [*case.student[0], *case.student[1], *case.loss.parameters()]:
         tensor.grad = None
     reference_loss(
-        case.student, case.teacher, case.student_index, case.teacher_index, case.word_mask,
-        case.loss.layer_map, case.loss.projection, case.options, case.loss.average_heads,
+        case.student,
+        case.teacher,
+        case.student_index,
+        case.teacher_index,
+        case.word_mask,
+        case.loss.layer_map,
+        case.loss.projection,
+        case.options,
+        case.loss.average_heads,
     )[0].backward()
     looped = [t.grad for t in [*case.student[0], *case.student[1]] if t.grad is not None]
     assert len(looped) == len(vectorized) == 2 * len(case.loss.layer_map)
@@ -266,8 +283,11 @@ def test_real_tiny_models_train_the_student_only(tiny_bert_dir, tiny_teacher_dir
 
     student_outputs = student(**student_inputs, output_hidden_states=True, output_attentions=True)
     output = loss(
-        student_outputs.hidden_states, student_outputs.attentions,
-        alignment.student_word_index, alignment.word_mask, features,
+        student_outputs.hidden_states,
+        student_outputs.attentions,
+        alignment.student_word_index,
+        alignment.word_mask,
+        features,
     )
     output.total.backward()
     assert output.total.item() > 0

@@ -25,8 +25,9 @@ def objective_for(tiny_bert_dir, tiny_teacher_dir, examples, method="mlkd", **di
     student = load_student(str(tiny_bert_dir), attn_implementation="eager")
     args = DistillArguments(word_policy="all", **distill)
     model_args = ModelArguments(student=str(tiny_bert_dir), teacher=str(tiny_teacher_dir), max_length=64)
-    objective = build_distill_objective(method, student, load_tokenizer(str(tiny_bert_dir)), model_args, args,
-                                        examples, torch.device("cpu"))
+    objective = build_distill_objective(
+        method, student, load_tokenizer(str(tiny_bert_dir)), model_args, args, examples, torch.device("cpu")
+    )
     return student, objective
 
 
@@ -56,10 +57,10 @@ def test_gradients_reach_the_student_and_projection_not_the_teacher(tiny_bert_di
     assert all(p.grad is None and not p.requires_grad for p in objective.teacher.parameters())
 
 
-def test_ensemble_distills_towards_the_teacher_probe_student_average(tiny_bert_dir, tiny_teacher_dir,
-                                                                   train_examples):
-    student, objective = objective_for(tiny_bert_dir, tiny_teacher_dir, train_examples, method="ensemble",
-                                       teacher_cache=True)
+def test_ensemble_distills_towards_the_teacher_probe_student_average(tiny_bert_dir, tiny_teacher_dir, train_examples):
+    student, objective = objective_for(
+        tiny_bert_dir, tiny_teacher_dir, train_examples, method="ensemble", teacher_cache=True
+    )
     student.eval()
     batch = objective.collator(train_examples)(list(range(8)))
     teacher = objective.teacher_outputs(batch)
@@ -87,10 +88,13 @@ def test_distillation_runs_end_to_end(tmp_path, notes, tiny_bert_dir, tiny_teach
     data = tmp_path / "synthetic.csv"
     pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
     out = tmp_path / method
-    fit(DataArguments(data=str(data)),
+    fit(
+        DataArguments(data=str(data)),
         ModelArguments(student=str(tiny_bert_dir), teacher=str(tiny_teacher_dir), max_length=64),
         TrainingArguments(out=str(out), method=method, epochs=3, encoder_lr=2e-3, head_lr=5e-3, seed=1),
-        DistillArguments(word_policy="all"), EvalArguments(bootstrap=50))
+        DistillArguments(word_policy="all"),
+        EvalArguments(bootstrap=50),
+    )
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert history[0]["train"]["words"] > 0
     # The fixture teacher is randomly initialised, so it has no knowledge to pass on: what must show is
