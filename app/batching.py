@@ -114,7 +114,7 @@ class DynamicBatcher:
         self._queue: asyncio.Queue[_QueuedNote] = asyncio.Queue(maxsize=queue_capacity)
         self._on_batch = on_batch or (lambda stats: None)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self._worker: asyncio.Task | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._accepting = False
         self._concurrent = False  # the last pool held notes of more than one request
 
@@ -131,8 +131,9 @@ class DynamicBatcher:
     async def __aexit__(self, *exc_info: object) -> None:
         self._accepting = False
         await self._queue.join()
-        self._worker.cancel()
-        await asyncio.gather(self._worker, return_exceptions=True)
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
         self._executor.shutdown()
 
     async def classify(self, token_ids: list[np.ndarray], timeout_s: float) -> np.ndarray:
@@ -205,6 +206,6 @@ class DynamicBatcher:
             return
         longest = max(len(note.ids) for note in batch)
         self._on_batch(BatchStats(len(batch), len(batch) * longest, time.perf_counter() - started))
-        for note, probability in zip(batch, probabilities):
+        for note, probability in zip(batch, probabilities, strict=True):
             if note.request.live:
                 note.request.resolve(note.index, float(probability))

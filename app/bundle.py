@@ -4,7 +4,7 @@ A bundle is refused, with a `BundleError` naming the file and the fault, when it
 or invalid, when a file the manifest lists is missing, or when a file this process loads (the chosen
 ONNX variant and the tokenizer files) does not match its sha256 in the manifest.
 
-Imports only onnxruntime, tokenizers, numpy, pydantic and the standard library: the service never
+Imports only onnxruntime, tokenizers, pydantic and the standard library: the service never
 needs torch, transformers or the `training` package.
 """
 
@@ -16,12 +16,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from app.manifest import Manifest
+
+try:
+    import onnxruntime as ort
+except ModuleNotFoundError as error:  # the service's own package does not pull either ONNX Runtime build
+    raise ModuleNotFoundError(
+        "ONNX Runtime is not installed: install the service with its `cpu` extra "
+        "(pip install 'dsgkd-triage[cpu]') or, on a CUDA host, its `gpu` extra (pip install 'dsgkd-triage[gpu]')",
+        name="onnxruntime",
+    ) from error
+
+InferenceSession = ort.InferenceSession
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +38,6 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 VARIANTS = ("fp32", "int8", "fp16")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
-DEFAULT_BATCH_SIZE = 32
 
 
 class BundleError(RuntimeError):
@@ -43,43 +51,6 @@ class Bundle:
     session: ort.InferenceSession
     variant: str
     providers: list[str]
-
-    def predict_proba(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """P(emergency) per note, in the order of `texts`."""
-        return predict_proba(self.session, self.tokenizer, texts, batch_size)
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens per note as the model sees it: special tokens included, truncation applied."""
-        return [sum(encoding.attention_mask) for encoding in self.tokenizer.encode_batch(texts)]
-
-
-def predict_proba(
-    session: ort.InferenceSession, tokenizer: Tokenizer, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE
-) -> np.ndarray:
-    """P(emergency) per note; notes of similar length share a batch, which is padded to its longest note."""
-    if not texts:
-        return np.zeros(0, dtype=np.float32)
-    input_names = {graph_input.name for graph_input in session.get_inputs()}
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    logits = np.zeros((len(texts), 2), dtype=np.float32)
-    for start in range(0, len(texts), batch_size):
-        positions = order[start : start + batch_size]
-        logits[positions] = session.run(
-            ["logits"], encode_inputs(tokenizer, [texts[i] for i in positions], input_names)
-        )[0]
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted[:, 1] / shifted.sum(axis=1)
-
-
-def encode_inputs(tokenizer: Tokenizer, texts: list[str], input_names: set[str]) -> dict[str, np.ndarray]:
-    """The graph's inputs for one batch: int64 [batch, longest note], restricted to the names the graph takes."""
-    encodings = tokenizer.encode_batch(texts)
-    inputs = {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-        "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-    }
-    return {name: array for name, array in inputs.items() if name in input_names}
 
 
 def load_bundle(
@@ -99,7 +70,7 @@ def load_bundle(
     on_cuda = CUDA in providers and CUDA in ort.get_available_providers()
     for name, digest in manifest.tokenizer_files.items():
         _verify_sha256(root / name, digest)
-    tokenizer = load_tokenizer(root / TOKENIZER_FILE, manifest.max_input_tokens)
+    tokenizer = load_tokenizer(root / TOKENIZER_FILE)
     chosen = _choose_variant(manifest, variant, on_cuda)
     session = _open_variant(root, manifest, chosen, providers, intra_op_threads)
     if on_cuda and variant == "auto" and CUDA not in session.get_providers():
@@ -132,16 +103,14 @@ def read_manifest(root: Path) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {problems}") from None
 
 
-def load_tokenizer(path: Path, max_input_tokens: int) -> Tokenizer:
-    """The bundle's tokenizer, truncating to `max_input_tokens` and padding each batch to its longest note."""
+def load_tokenizer(path: Path) -> Tokenizer:
+    """The bundle's tokenizer; it must know its pad token, as batches are padded."""
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception for unreadable files
         raise BundleError(f"{path}: not a readable tokenizers file ({error})") from None
     if tokenizer.padding is None:
         raise BundleError(f"{path}: has no padding settings (pad token); re-export the bundle")
-    tokenizer.enable_truncation(max_input_tokens, direction=(tokenizer.truncation or {}).get("direction", "right"))
-    tokenizer.enable_padding(**{**tokenizer.padding, "length": None})
     return tokenizer
 
 

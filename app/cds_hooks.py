@@ -12,7 +12,7 @@ prefetched nor in the context (this service does not query the client's FHIR ser
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
@@ -24,9 +24,10 @@ from fhir.resources.R4B.reference import Reference
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.auth import require_api_key
+from app.dependencies import log_fields, ready_service
 from app.fhir_notes import FhirNote, notes_in, validate_resource
-from app.routes import INTENDED_USE, Classification, Service, add_log_fields, classify_texts, ready_service
 from app.schemas import NON_BLANK, ErrorResponse
+from app.service import INTENDED_USE, Classification, Service, classify_texts
 
 SERVICE_ID = "triage-note"
 HOOK = "patient-view"
@@ -38,7 +39,7 @@ CONTEXT_NOTE_KEY = "triageNoteText"
 class CdsRoute(APIRoute):
     """A malformed CDS Hooks request gets 400, as the specification has it (FastAPI answers 422)."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
 
         async def handle_malformed_as_400(request: Request) -> Response:
@@ -47,7 +48,7 @@ class CdsRoute(APIRoute):
             except RequestValidationError as error:
                 # Type, location and message only: the `input` of an error could be the note.
                 errors = [{key: entry[key] for key in ("type", "loc", "msg")} for entry in error.errors()]
-                add_log_fields(request, validation_errors=sorted({entry["type"] for entry in errors}))
+                log_fields(request)["validation_errors"] = sorted({entry["type"] for entry in errors})
                 return JSONResponse({"detail": errors}, status_code=HTTPStatus.BAD_REQUEST)
 
         return handle_malformed_as_400
@@ -165,8 +166,8 @@ async def triage_note(
     notes = notes_of(body)
     if not notes:
         return CdsResponse(cards=[])  # the patient has no triage note: nothing to say
-    classified = await classify_texts(service, [note.text for note in notes], request)
-    return CdsResponse(cards=[card(note, result, service) for note, result in zip(notes, classified)])
+    classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
+    return CdsResponse(cards=[card(note, result, service) for note, result in zip(notes, classified, strict=True)])
 
 
 def notes_of(body: CdsRequest) -> list[FhirNote]:

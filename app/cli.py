@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -42,7 +42,7 @@ def settings_flags(command: Callable[[Settings], Any]) -> Callable[..., Any]:
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[field.annotation | None, typer.Option(help=help_text)],
+                annotation=Annotated[Optional[field.annotation], typer.Option(help=help_text)],  # noqa: UP045 (a runtime type)
             )
         )
 
@@ -56,7 +56,7 @@ def settings_flags(command: Callable[[Settings], Any]) -> Callable[..., Any]:
             raise typer.Exit(code=2) from None
         return command(settings)
 
-    with_settings.__signature__ = inspect.Signature(parameters)
+    with_settings.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # read by typer
     return with_settings
 
 
@@ -67,7 +67,14 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from app.logs import configure_logging
-    from app.main import create_app
+
+    try:
+        from app.main import create_app
+    except ModuleNotFoundError as error:
+        if error.name != "onnxruntime":
+            raise
+        typer.secho(f"error: {error.msg}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2) from None
 
     configure_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)

@@ -8,10 +8,10 @@ OperationOutcome.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.routing import APIRoute
@@ -24,9 +24,10 @@ from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
 
 from app.auth import require_api_key
+from app.dependencies import log_fields, ready_service
 from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource
 from app.middleware import json_error
-from app.routes import Classification, Service, add_log_fields, classify_texts, ready_service
+from app.service import Classification, Service, ServiceError, classify_texts
 
 FHIR_JSON = "application/fhir+json"
 ACCEPTED_CONTENT_TYPES = (FHIR_JSON, "application/json")
@@ -34,7 +35,7 @@ OUTCOME_SYSTEM = "urn:dsgkd-triage:outcome"
 MODEL_SYSTEM = "urn:dsgkd-triage:model"
 CLASSIFY_PATH = "/fhir/RiskAssessment/$classify"
 # OperationOutcome issue type of an HTTP error raised outside this module (auth, limits, the batcher, the body limit).
-ISSUE_CODES = {
+ISSUE_CODES: dict[int, str] = {
     HTTPStatus.BAD_REQUEST: "structure",
     HTTPStatus.UNAUTHORIZED: "login",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "too-long",
@@ -46,16 +47,20 @@ ISSUE_CODES = {
 class FhirRoute(APIRoute):
     """Answers an error raised anywhere in the route, dependencies included, with an OperationOutcome."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
 
         async def handle_with_outcome(request: Request) -> Response:
             try:
                 return await handle(request)
             except HTTPException as error:
-                issue_code = getattr(error, "issue_code", ISSUE_CODES.get(error.status_code, "exception"))
-                add_log_fields(request, fhir_issue=issue_code)
-                return fhir_response(operation_outcome(issue_code, str(error.detail)), error.status_code, error.headers)
+                issue_code: str = getattr(error, "issue_code", ISSUE_CODES.get(error.status_code, "exception"))
+                status, message, headers = error.status_code, str(error.detail), error.headers
+            except ServiceError as error:
+                issue_code = ISSUE_CODES.get(error.status, "exception")
+                status, message, headers = error.status, error.message, error.headers
+            log_fields(request)["fhir_issue"] = issue_code
+            return fhir_response(operation_outcome(issue_code, message), status, headers)
 
         return handle_with_outcome
 
@@ -144,7 +149,7 @@ async def classify_fhir(request: Request, service: Annotated[Service, Depends(re
             f"Content-Type must be {' or '.join(ACCEPTED_CONTENT_TYPES)}",
         )
     resource = parse_resource(await request.body())
-    add_log_fields(request, fhir_resource=resource.get_resource_type())
+    log_fields(request)["fhir_resource"] = resource.get_resource_type()
     notes = notes_in(resource)
     if not notes:
         raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", "the Bundle holds no note to classify")
@@ -156,9 +161,9 @@ async def classify_fhir(request: Request, service: Annotated[Service, Depends(re
             f"notes at positions {missing_subject} have no subject: RiskAssessment.subject is "
             f"required and copied from DocumentReference.subject / Communication.subject",
         )
-    classified = await classify_texts(service, [note.text for note in notes], request)
+    classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
     now = datetime.now(UTC)
-    assessments = [risk_assessment(note, result, service, now) for note, result in zip(notes, classified)]
+    assessments = [risk_assessment(note, result, service, now) for note, result in zip(notes, classified, strict=True)]
     if isinstance(resource, Bundle):
         return fhir_response(
             Bundle(
@@ -214,6 +219,6 @@ def operation_outcome(issue_code: str, diagnostics: str) -> OperationOutcome:
 
 
 def fhir_response(
-    resource: Resource, status_code: int = HTTPStatus.OK, headers: dict[str, str] | None = None
+    resource: Resource, status_code: int = HTTPStatus.OK, headers: Mapping[str, str] | None = None
 ) -> Response:
     return Response(resource.model_dump_json(), status_code=status_code, headers=headers, media_type=FHIR_JSON)

@@ -21,16 +21,16 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.reference import Reference
-from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from app.schemas import NON_BLANK
 
+AcceptedResource = DocumentReference | Communication | Bundle
 NOTE_RESOURCES: dict[str, type[DocumentReference] | type[Communication]] = {
     "DocumentReference": DocumentReference,
     "Communication": Communication,
 }
-ACCEPTED_RESOURCES = {**NOTE_RESOURCES, "Bundle": Bundle}
+ACCEPTED_RESOURCES: dict[str, type[AcceptedResource]] = {**NOTE_RESOURCES, "Bundle": Bundle}
 BUNDLE_TYPES = ("collection", "batch", "transaction", "searchset")
 # Searchset entries that are not search results: resources included alongside them, and OperationOutcomes.
 NOT_SEARCH_MATCHES = ("include", "outcome")
@@ -55,7 +55,7 @@ class FhirNote:
     encounter: Reference | None
 
 
-def parse_resource(body: bytes) -> Resource:
+def parse_resource(body: bytes) -> AcceptedResource:
     """The request body as a validated DocumentReference, Communication or Bundle."""
     try:
         data = json.loads(body)
@@ -66,7 +66,7 @@ def parse_resource(body: bytes) -> Resource:
     return validate_resource(data, "body")
 
 
-def validate_resource(data: object, where: str) -> Resource:
+def validate_resource(data: object, where: str) -> AcceptedResource:
     """`data` (a parsed JSON value found at `where`) as a validated DocumentReference, Communication or Bundle."""
     resource_type = data.get("resourceType") if isinstance(data, dict) else None
     if not isinstance(resource_type, str):
@@ -89,7 +89,7 @@ def validate_resource(data: object, where: str) -> Resource:
         ) from None
 
 
-def notes_in(resource: Resource) -> list[FhirNote]:
+def notes_in(resource: AcceptedResource) -> list[FhirNote]:
     """The notes of a DocumentReference or Communication (one), or of a Bundle of them (in entry order; none
     when it has no entries, or only a searchset's included resources)."""
     if not isinstance(resource, Bundle):
@@ -103,7 +103,7 @@ def notes_in(resource: Resource) -> list[FhirNote]:
         if entry.search is not None and entry.search.mode in NOT_SEARCH_MATCHES:
             continue
         where = f"Bundle.entry[{position}].resource"
-        if entry.resource is None or entry.resource.get_resource_type() not in NOTE_RESOURCES:
+        if not isinstance(entry.resource, DocumentReference | Communication):
             raise FhirInputError(
                 HTTPStatus.UNPROCESSABLE_ENTITY,
                 "not-supported",

@@ -10,14 +10,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from app import cds_hooks, fhir
 from app.batching import DynamicBatcher
 from app.bundle import load_bundle
+from app.dependencies import log_fields
 from app.inference import NoteClassifier
 from app.metrics import Metrics
 from app.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from app.routes import Service, router
+from app.routes import router
+from app.service import Service, ServiceError
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,12 +40,13 @@ def create_app(settings: Settings) -> FastAPI:
     routers = (router, fhir.router, cds_hooks.router)
     for included in routers:
         app.include_router(included)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(ServiceError)(_service_error)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, error_response=fhir.body_error)
     app.add_middleware(
         AccessLogMiddleware,
         metrics=app.state.metrics,
-        route_paths={route.path for included in routers for route in included.routes},
+        route_paths={route.path for included in routers for route in included.routes if isinstance(route, APIRoute)},
     )
     return app
 
@@ -53,7 +57,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     started = time.perf_counter()
     bundle = load_bundle(settings.bundle, settings.variant, settings.intra_op_threads)
-    classifier = NoteClassifier(bundle, settings.max_note_tokens or bundle.manifest.max_input_tokens)
+    classifier = NoteClassifier.from_bundle(bundle, settings.max_note_tokens)
     classifier.predict([note.ids for note in classifier.encode([WARM_UP_TEXT])])
     async with DynamicBatcher(
         classifier.predict,
@@ -88,5 +92,10 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
     """FastAPI's 422 keeping each error's type, location and message: its `input` (a note, perhaps) is
     not sent back, so it cannot end up in a proxy's or client's logs either."""
     errors = [{key: entry[key] for key in ("type", "loc", "msg")} for entry in error.errors()]
-    request.state.log_fields = {"validation_errors": sorted({entry["type"] for entry in errors})}
+    log_fields(request)["validation_errors"] = sorted({entry["type"] for entry in errors})
     return JSONResponse({"detail": errors}, status_code=422)
+
+
+async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+    """The service core's errors, worded as this API's JSON error (the FHIR router words them itself)."""
+    return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,7 +64,9 @@ class Manifest(Strict):
     decision: Decision
     max_input_tokens: int = Field(gt=0)
     preprocessing: list[str] = Field(description="What is done to a note's text before tokenization.")
-    test_metrics: dict = Field(description="Test-set metrics with 95% bootstrap CIs, as written by the evaluation.")
+    test_metrics: dict[str, Any] = Field(
+        description="Test-set metrics with 95% bootstrap CIs, as written by the evaluation."
+    )
     variants: dict[str, Variant] = Field(description="ONNX files by variant name: fp32, int8, fp16.")
     tokenizer_files: dict[str, str] = Field(description="sha256 of each tokenizer file.")
     export_method: str = Field(description="optimum, or torch.onnx when optimum could not export the architecture.")

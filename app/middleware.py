@@ -89,7 +89,7 @@ class AccessLogMiddleware:
     def _request_id(scope: Scope) -> str:
         for name, value in scope["headers"]:
             if name == REQUEST_ID_HEADER.encode():
-                candidate = value.decode("latin-1")
+                candidate: str = value.decode("latin-1")
                 if _SAFE_REQUEST_ID.fullmatch(candidate):
                     return candidate
         return uuid.uuid4().hex

@@ -128,5 +128,5 @@ class ModelInfo(BaseModel):
     threshold_policy: str = Field(description="How the threshold was chosen.")
     max_note_tokens: int
     truncate: bool
-    test_metrics: dict = Field(description="Test-set metrics with 95% bootstrap CIs.")
-    manifest: dict = Field(description="The bundle's full manifest.")
+    test_metrics: dict[str, Any] = Field(description="Test-set metrics with 95% bootstrap CIs.")
+    manifest: dict[str, Any] = Field(description="The bundle's full manifest.")

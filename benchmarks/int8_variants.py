@@ -25,9 +25,9 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers import optimizer
 from sklearn.metrics import roc_auc_score
-from tokenizers import Tokenizer
 
-from app.bundle import TOKENIZER_FILE, create_session, load_tokenizer, predict_proba
+from app.bundle import CPU, TOKENIZER_FILE, create_session, load_tokenizer
+from app.inference import NoteClassifier
 from app.manifest import Manifest
 from training.config import DataArguments
 from training.data.loading import load_parts
@@ -35,13 +35,13 @@ from training.export import CALIBRATION_NOTES, export_bundle
 from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.run_report import load_run_config
 
-# (fp32 file, int8 file to write, tokenizer, calibration notes); the dynamic ways calibrate nothing.
-Quantize = Callable[[Path, Path, Tokenizer, list[str]], None]
+# (fp32 file, int8 file to write, the fp32 file's classifier, calibration notes); the dynamic ways calibrate nothing.
+Quantize = Callable[[Path, Path, NoteClassifier, list[str]], None]
 
 
 def static(keep_ffn_down: bool) -> Quantize:
-    def quantize(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: list[str]) -> None:
-        quantize_int8(fp32, out, tokenizer, calibration_texts, keep_fp32=FFN_DOWN if keep_ffn_down else None)
+    def quantize(fp32: Path, out: Path, fp32_classifier: NoteClassifier, calibration_texts: list[str]) -> None:
+        quantize_int8(fp32, out, fp32_classifier, calibration_texts, keep_fp32=FFN_DOWN if keep_ffn_down else None)
 
     return quantize
 
@@ -50,7 +50,7 @@ def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
     """Dynamic int8 (activation scales from each batch at run time); `fused`: ORT's BERT fusions first, so
     that attention is quantized as one QAttention op."""
 
-    def quantize(fp32: Path, out: Path, tokenizer: Tokenizer, calibration_texts: list[str]) -> None:
+    def quantize(fp32: Path, out: Path, fp32_classifier: NoteClassifier, calibration_texts: list[str]) -> None:
         source = fp32
         if fused:
             source = out.with_suffix(".fused.onnx")
@@ -78,16 +78,18 @@ WAYS: dict[str, Quantize] = {
 }
 
 
-def median_seconds(sessions: dict, tokenizer, texts: list[str], batch_size: int, repeats: int) -> dict[str, float]:
+def median_seconds(
+    classifiers: dict[str, NoteClassifier], texts: list[str], batch_size: int, repeats: int
+) -> dict[str, float]:
     batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for session in sessions.values():
-        predict_proba(session, tokenizer, batches[0], batch_size)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in classifiers}
+    for classifier in classifiers.values():
+        classifier.predict_proba(batches[0], batch_size)  # warm-up
     for _ in range(repeats):
-        for name, session in sessions.items():
+        for name, classifier in classifiers.items():
             start = time.perf_counter()
             for batch in batches:
-                predict_proba(session, tokenizer, batch, batch_size)
+                classifier.predict_proba(batch, batch_size)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
@@ -108,17 +110,20 @@ def main() -> None:
         manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
         fp32 = bundle / manifest.variants["fp32"].file
         torch_auroc = manifest.variants["fp32"].valid_auroc + manifest.variants["fp32"].auroc_drop
-        tokenizer = load_tokenizer(bundle / TOKENIZER_FILE, manifest.max_input_tokens)
-        calibration_texts = parts["train"].texts[:CALIBRATION_NOTES]
+        tokenizer = load_tokenizer(bundle / TOKENIZER_FILE)
 
+        def classifier(path: Path) -> NoteClassifier:
+            return NoteClassifier(create_session(path, [CPU], args.threads), tokenizer, manifest.max_input_tokens)
+
+        calibration_texts = parts["train"].texts[:CALIBRATION_NOTES]
         files = {"fp32 (reference)": fp32}
         for number, (name, quantize) in enumerate(WAYS.items()):
             files[name] = Path(work) / f"int8-{number}.onnx"
-            quantize(fp32, files[name], tokenizer, calibration_texts)
-        sessions = {name: create_session(path, ["CPUExecutionProvider"], args.threads) for name, path in files.items()}
-        reference = predict_proba(sessions["fp32 (reference)"], tokenizer, held_out)
+            quantize(fp32, files[name], classifier(fp32), calibration_texts)
+        classifiers = {name: classifier(path) for name, path in files.items()}
+        reference = classifiers["fp32 (reference)"].predict_proba(held_out)
         test = parts["test"].texts
-        seconds = {size: median_seconds(sessions, tokenizer, test, size, args.repeats) for size in (1, 32)}
+        seconds = {size: median_seconds(classifiers, test, size, args.repeats) for size in (1, 32)}
 
         print(
             f"run {args.run}; PyTorch validation AUROC {torch_auroc:.4f} on {len(valid)} notes; {len(held_out)} "
@@ -127,9 +132,9 @@ def main() -> None:
         )
         print("| way | AUROC drop | max abs dP | mean abs dP | batch shift | MB | notes/s @1 | notes/s @32 |")
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for name, session in sessions.items():
-            probs = predict_proba(session, tokenizer, held_out, 32)
-            shift = np.abs(predict_proba(session, tokenizer, held_out, 1) - probs).max()
+        for name, scorer in classifiers.items():
+            probs = scorer.predict_proba(held_out, 32)
+            shift = np.abs(scorer.predict_proba(held_out, 1) - probs).max()
             drop = torch_auroc - roc_auc_score(valid.labels, probs[: len(valid)])
             dp = np.abs(probs - reference)
             print(

@@ -66,7 +66,7 @@ def random_word_index(shape: LossShape, generator: torch.Generator) -> torch.Ten
         free = shape.tokens - 2 - int(lengths.sum())  # [CLS] and [SEP] are never in a word
         gaps = torch.sort(torch.randint(0, free + 1, (shape.words,), generator=generator)).values
         starts = 1 + gaps + torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
-        for word, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        for word, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
             row[start : start + length] = word
     return index
 

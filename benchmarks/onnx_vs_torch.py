@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from app.bundle import create_session, load_tokenizer
-from app.bundle import predict_proba as onnx_predict_proba
+from app.bundle import CPU, create_session, load_tokenizer
+from app.inference import NoteClassifier
 from app.manifest import Manifest
 from training.checkpoints import checkpoint_dir
 from training.config import DataArguments
@@ -52,11 +52,11 @@ def torch_engine(checkpoint: Path, max_tokens: int) -> tuple[Predict, Predict]:
 
 
 def onnx_engine(bundle: Path, model_file: str, max_tokens: int, threads: int) -> tuple[Predict, Predict]:
-    session = create_session(bundle / model_file, ["CPUExecutionProvider"], intra_op_threads=threads)
-    tokenizer = load_tokenizer(bundle / "tokenizer.json", max_tokens)
+    session = create_session(bundle / model_file, [CPU], intra_op_threads=threads)
+    classifier = NoteClassifier(session, load_tokenizer(bundle / "tokenizer.json"), max_tokens)
     return (
-        lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=len(texts)),
-        lambda texts: onnx_predict_proba(session, tokenizer, texts, batch_size=GOAL_BATCH),
+        lambda texts: classifier.predict_proba(texts, batch_size=len(texts)),
+        lambda texts: classifier.predict_proba(texts, batch_size=GOAL_BATCH),
     )
 
 
@@ -112,8 +112,10 @@ def main() -> None:
     }
 
     torch_name = "PyTorch eager fp32"
-    tokenizer = load_tokenizer(args.bundle / "tokenizer.json", max_tokens)
-    tokens = [sum(e.attention_mask) for e in tokenizer.encode_batch(test.texts)]
+    classifier = NoteClassifier(
+        create_session(args.bundle / "model.onnx", [CPU]), load_tokenizer(args.bundle / "tokenizer.json"), max_tokens
+    )
+    tokens = [len(note.ids) for note in classifier.encode(test.texts)]
     print(
         f"{len(test)} test notes of {args.run} ({np.median(tokens):.0f} tokens median, {max(tokens)} max), "
         f"{args.threads} threads, median of {args.repeats} repeats; torch {torch.__version__}.\n"

@@ -16,8 +16,8 @@ V the ONNX variant given by --variant (int8 by default; fp32 for a bundle withou
 Each cell runs `concurrency` clients, each sending one KTAS note per request and the next as soon as
 the answer arrives, for --seconds (at most --max-requests requests per slice). Every server runs for
 the whole benchmark but is paused (SIGSTOP) while another is measured, and each cell is split into
---rounds interleaved slices, so that other work on a shared machine weighs on all servers alike. Notes are the real KTAS triage
-notes, cycled; their text is never printed. Any answer other than 200, and any transport error, is
+--rounds interleaved slices, so that other work on a shared machine weighs on all servers alike. Notes are
+the real KTAS triage notes, cycled; their text is never printed. Any answer other than 200, and any transport error, is
 counted as an error. Throughput counts answered (200) requests only. For this service, the mean
 batch size per cell comes from its /metrics. Server CPU per note is the CPU time of the server's
 processes over the cell (ONNX Runtime's spin-waiting threads count too) per answered note: less
@@ -178,7 +178,7 @@ def server_specs(bundle: Path, variant: str, checkpoint: Path, threads: int) -> 
 def model_ceiling(bundle: Path, variant: str, threads: int, notes: list[str], seconds: float) -> dict[int, float]:
     """Notes/s of the service's model run alone (in this process, no HTTP) per batch size: the most
     that batching can gain on this machine."""
-    classifier = NoteClassifier(load_bundle(bundle, variant, threads), read_manifest(bundle).max_input_tokens)
+    classifier = NoteClassifier.from_bundle(load_bundle(bundle, variant, threads))
     token_ids = [note.ids for note in classifier.encode(notes)]
     rates = {}
     for size in CEILING_BATCH_SIZES:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,7 +157,5 @@ def _stop(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         return
     # Children of a framework (workers) may outlive the leader briefly; make sure none is left.
-    try:
+    with suppress(ProcessLookupError):
         os.killpg(group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

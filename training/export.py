@@ -2,8 +2,8 @@
 
 `out_dir/` receives model.onnx (fp32), model.int8.onnx, model.fp16.onnx, the tokenizer files,
 manifest.json and MODEL_CARD.md. Every variant is checked against PyTorch on the run's held-out notes
-(validation + test) with the service's own code path (`app.bundle`: tokenizers + ONNX Runtime, CPU
-provider): fp32 must match within `parity_atol`, or the export fails; int8 and fp16 are kept only when
+(validation + test) through the service's own code path (`app.inference.NoteClassifier`: tokenizers + ONNX
+Runtime, CPU provider): fp32 must match within `parity_atol`, or the export fails; int8 and fp16 are kept only when
 their validation AUROC is within `tolerance` of PyTorch's and a note's P(emergency) scored alone is within
 `batch_shift_atol` of the same note scored in a batch (the service batches notes of unrelated requests
 together), and their figures are recorded either way.
@@ -28,15 +28,8 @@ from sklearn.metrics import roc_auc_score
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from app.bundle import (
-    MANIFEST_FILE,
-    TOKENIZER_FILE,
-    BundleError,
-    create_session,
-    load_tokenizer,
-    predict_proba,
-    sha256_file,
-)
+from app.bundle import CPU, MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, sha256_file
+from app.inference import NoteClassifier
 from app.manifest import Decision, Encoders, Manifest, Variant
 from training.checkpoints import checkpoint_dir
 from training.config import DataArguments
@@ -146,13 +139,14 @@ def _build(
     log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity", reference.torch_valid_auroc, len(held_out))
 
     tokenizer_files = _write_tokenizer(hf_tokenizer, source.checkpoint, staging, source.max_tokens)
-    tokenizer = load_tokenizer(staging / TOKENIZER_FILE, source.max_tokens)
+    tokenizer = load_tokenizer(staging / TOKENIZER_FILE)
     fp32_file = staging / MODEL_FILES["fp32"]
     export_method = export_fp32(source.checkpoint, fp32_file)
+    fp32_classifier = NoteClassifier(create_session(fp32_file, [CPU]), tokenizer, source.max_tokens)
     quantize_int8(
         fp32_file,
         staging / MODEL_FILES["int8"],
-        tokenizer,
+        fp32_classifier,
         source.parts["train"].texts[:CALIBRATION_NOTES],
         quantize_embeddings,
     )
@@ -161,7 +155,9 @@ def _build(
     # fp32 is held to parity with PyTorch instead.
     unlimited = Limits(math.inf, math.inf, math.inf)
     variants = {
-        variant: _measure(staging / file_name, tokenizer, reference, unlimited if variant == "fp32" else limits)
+        variant: _measure(
+            staging / file_name, tokenizer, source.max_tokens, reference, unlimited if variant == "fp32" else limits
+        )
         for variant, file_name in MODEL_FILES.items()
     }
     fp32 = variants["fp32"]
@@ -212,11 +208,12 @@ class Reference:
         return float(roc_auc_score(self.valid_labels, self.torch_probs[: len(self.valid_labels)]))
 
 
-def _measure(model_file: Path, tokenizer: Tokenizer, reference: Reference, limits: Limits) -> Variant:
-    """Parity figures of one ONNX file against PyTorch; kept when it meets `limits`."""
+def _measure(model_file: Path, tokenizer: Tokenizer, max_tokens: int, reference: Reference, limits: Limits) -> Variant:
+    """Parity figures of one ONNX file against PyTorch, scored by the service's own `NoteClassifier`; kept when
+    it meets `limits`."""
     figures = {"file": model_file.name, "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size}
     try:
-        session = create_session(model_file, ["CPUExecutionProvider"])
+        classifier = NoteClassifier(create_session(model_file, [CPU]), tokenizer, max_tokens)
     except BundleError as error:  # e.g. an fp16 kernel the CPU provider lacks: recorded, and the variant dropped
         log.warning("%s", error)
         return Variant(
@@ -228,8 +225,8 @@ def _measure(model_file: Path, tokenizer: Tokenizer, reference: Reference, limit
             auroc_drop=None,
             note=f"not evaluated: the CPU provider cannot run it ({error})",
         )
-    probs = predict_proba(session, tokenizer, reference.texts, PARITY_BATCH_SIZE)
-    batch_shift = float(np.abs(predict_proba(session, tokenizer, reference.texts, batch_size=1) - probs).max())
+    probs = classifier.predict_proba(reference.texts, PARITY_BATCH_SIZE)
+    batch_shift = float(np.abs(classifier.predict_proba(reference.texts, batch_size=1) - probs).max())
     valid_auroc = float(roc_auc_score(reference.valid_labels, probs[: len(reference.valid_labels)]))
     drop = reference.torch_valid_auroc - valid_auroc
     faults = []

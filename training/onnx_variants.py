@@ -23,10 +23,9 @@ import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.transformers.float16 import convert_float_to_float16
-from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from app.bundle import encode_inputs
+from app.inference import NoteClassifier
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +115,14 @@ def check_graph(path: Path) -> None:
 def quantize_int8(
     fp32_file: Path,
     out_file: Path,
-    tokenizer: Tokenizer,
+    fp32_classifier: NoteClassifier,
     calibration_texts: Sequence[str],
     quantize_embeddings: bool = True,
     keep_fp32: re.Pattern[str] | None = FFN_DOWN,
 ) -> None:
     """Static int8 quantization (QDQ): int8 weights with one scale per output channel, and int8 activations
     whose scales are fixed beforehand from the value ranges seen on `calibration_texts` (e.g. training
-    notes, encoded with the bundle's `tokenizer`; MinMax).
+    notes, batched by `fp32_classifier`, the service's path over the fp32 file; MinMax).
 
     Static, not dynamic: dynamic quantization picks each activation's scale at run time from the whole
     batch, so a note's P(emergency) depended on the notes it shared a batch with (e5-small KTAS student:
@@ -135,9 +134,10 @@ def quantize_int8(
     left in fp32: e5-small's 250k-token vocabulary then takes 4x less room.
     """
     graph = onnx.load(str(fp32_file), load_external_data=False).graph
-    input_names = {tensor.name for tensor in graph.input}
     calibration = (
-        encode_inputs(tokenizer, calibration_texts[start : start + CALIBRATION_BATCH_SIZE], input_names)
+        fp32_classifier.model_inputs(
+            [note.ids for note in fp32_classifier.encode(calibration_texts[start : start + CALIBRATION_BATCH_SIZE])]
+        )
         for start in range(0, len(calibration_texts), CALIBRATION_BATCH_SIZE)
     )
     kept_fp32 = [

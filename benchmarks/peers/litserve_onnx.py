@@ -2,8 +2,8 @@
 
 LitServe runs the HTTP front end and the model in separate processes; requests that arrive within
 `--batch-timeout` seconds of each other share one model run of up to `--max-batch-size` notes. The
-model run is the service's bundle code (`Bundle.predict_proba`: tokenize, pad to the longest note,
-one `session.run`), so only the serving layer differs.
+model run is the service's own path (`NoteClassifier.predict_proba`: tokenize, pad to the longest note,
+one `session.run`, softmax), so only the serving layer differs.
 
     python -m benchmarks.peers.litserve_onnx --bundle models/NAME --variant int8 --threads 2 --port 8103
 """
@@ -14,7 +14,8 @@ import argparse
 
 import litserve
 
-from app.bundle import Bundle, load_bundle
+from app.bundle import load_bundle
+from app.inference import NoteClassifier
 
 HOST = "127.0.0.1"
 
@@ -23,16 +24,18 @@ class BundleAPI(litserve.LitAPI):
     def __init__(self, bundle_dir: str, variant: str, threads: int, **options: object) -> None:
         super().__init__(**options)
         self.bundle_dir, self.variant, self.threads = bundle_dir, variant, threads
-        self.bundle: Bundle | None = None
+        self.classifier: NoteClassifier | None = None
 
     def setup(self, device: str) -> None:
-        self.bundle = load_bundle(self.bundle_dir, self.variant, intra_op_threads=self.threads)
+        bundle = load_bundle(self.bundle_dir, self.variant, intra_op_threads=self.threads)
+        self.classifier = NoteClassifier.from_bundle(bundle)
 
     def decode_request(self, request: dict) -> str:
         return request["text"]
 
     def predict(self, texts: list[str]) -> list[float]:
-        return self.bundle.predict_proba(texts, batch_size=len(texts)).tolist()
+        assert self.classifier is not None, "LitServe calls setup before predict"
+        return self.classifier.predict_proba(texts, batch_size=len(texts)).tolist()
 
     def encode_response(self, probability: float) -> dict:
         return {"probability": probability}

@@ -2,7 +2,8 @@
 
 What one would write without a batcher: a plain `def` endpoint (FastAPI runs it in its threadpool, so
 concurrent requests call `session.run` from several threads at once), no queue, no batching. Uses the
-service's own bundle loader, so model file, tokenizer and ONNX Runtime options are the service's.
+service's own bundle loader and `NoteClassifier`, so model file, tokenizer, ONNX Runtime options and the
+path from text to P(emergency) are the service's.
 
     python -m benchmarks.peers.onnx_threadpool --bundle models/NAME --variant int8 --threads 2 --port 8101
 """
@@ -16,6 +17,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from app.bundle import load_bundle
+from app.inference import NoteClassifier
 
 HOST = "127.0.0.1"
 
@@ -26,12 +28,12 @@ class Note(BaseModel):
 
 
 def create_app(bundle_dir: str, variant: str, threads: int) -> FastAPI:
-    bundle = load_bundle(bundle_dir, variant, intra_op_threads=threads)
+    classifier = NoteClassifier.from_bundle(load_bundle(bundle_dir, variant, intra_op_threads=threads))
     app = FastAPI()
 
     @app.post("/classify")
     def classify(note: Note) -> dict:
-        return {"id": note.id, "probability": float(bundle.predict_proba([note.text])[0])}
+        return {"id": note.id, "probability": float(classifier.predict_proba([note.text])[0])}
 
     return app
 

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import uvicorn
 from typer.testing import CliRunner
 
@@ -45,3 +48,15 @@ def test_invalid_settings_exit_with_a_message_naming_the_field():
     result = CliRunner().invoke(cli, ["serve", "--bundle", "b", "--max-batch-size", "0"])
     assert result.exit_code == 2
     assert "max_batch_size" in result.output
+
+
+def test_serve_without_onnx_runtime_names_the_extra_to_install(tiny_bundle_dir):
+    """`pip install dsgkd-triage` without an extra, then `serve`: one line saying what to install, exit 2."""
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None; from app.cli import cli; "
+        f"cli(['serve', '--bundle', {str(tiny_bundle_dir)!r}])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "ONNX Runtime is not installed" in result.stderr and "dsgkd-triage[cpu]" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -29,7 +29,7 @@ class FakeModel:
 
 
 def batcher(model, **overrides) -> DynamicBatcher:
-    options = dict(max_batch_size=8, max_batch_tokens=1000, max_wait_ms=20, queue_capacity=64) | overrides
+    options = {"max_batch_size": 8, "max_batch_tokens": 1000, "max_wait_ms": 20, "queue_capacity": 64} | overrides
     return DynamicBatcher(model, **options)
 
 

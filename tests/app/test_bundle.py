@@ -1,11 +1,10 @@
-"""Loading a model bundle: refusal of damaged bundles, variant choice, predictions (SYNTHETIC notes)."""
+"""Loading a model bundle: refusal of damaged bundles, variant choice (SYNTHETIC notes)."""
 
 import json
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from app.bundle import BundleError, load_bundle
@@ -23,43 +22,6 @@ def edit_manifest(bundle, edit) -> None:
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
-
-
-def test_predict_proba_gives_one_probability_per_note_in_order(tiny_bundle_dir, notes):
-    bundle = load_bundle(tiny_bundle_dir, variant="fp32", providers=CPU)
-    texts = [t for t, _ in notes[:50]]
-    probs = bundle.predict_proba(texts)
-    assert probs.shape == (50,) and probs.dtype == np.float32
-    assert ((probs >= 0) & (probs <= 1)).all()
-    np.testing.assert_allclose(bundle.predict_proba(texts[::-1]), probs[::-1], atol=1e-6)
-    # padding a note with longer neighbours does not change its probability
-    np.testing.assert_allclose(bundle.predict_proba(texts, batch_size=1), probs, atol=1e-5)
-    assert bundle.predict_proba([]).shape == (0,)
-
-
-def test_predictions_separate_the_synthetic_classes(tiny_bundle_dir, notes):
-    bundle = load_bundle(tiny_bundle_dir, variant="fp32", providers=CPU)
-    probs = bundle.predict_proba([t for t, _ in notes])
-    labels = np.array([y for _, y in notes])
-    assert probs[labels == 1].mean() > probs[labels == 0].mean()
-
-
-def test_count_tokens_counts_special_tokens_and_truncates(tiny_bundle_dir):
-    bundle = load_bundle(tiny_bundle_dir, variant="fp32", providers=CPU)
-    limit = bundle.manifest.max_input_tokens
-    short, long = bundle.count_tokens(["chest pain", "chest pain " * 200])
-    assert short == len(bundle.tokenizer.encode("chest pain").ids) and short >= 3  # [CLS] ... [SEP]
-    assert long == limit
-
-
-@pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
-def test_each_variant_loads_and_agrees_with_fp32(tiny_bundle_dir, notes, variant):
-    texts = [t for t, _ in notes[:40]]
-    bundle = load_bundle(tiny_bundle_dir, variant=variant, providers=CPU, intra_op_threads=1)
-    assert bundle.variant == variant and bundle.providers == CPU
-    reference = load_bundle(tiny_bundle_dir, variant="fp32", providers=CPU).predict_proba(texts)
-    recorded = bundle.manifest.variants[variant].max_abs_diff
-    assert np.abs(bundle.predict_proba(texts) - reference).max() <= recorded + 1e-4
 
 
 def test_auto_picks_int8_on_cpu_when_kept_else_fp32(bundle_copy):

@@ -17,6 +17,7 @@ import pytest
 
 from app.bundle import MANIFEST_FILE, load_bundle
 from app.cds_hooks import CONTEXT_NOTE_KEY, PREFETCH_KEY, SERVICE_ID
+from app.inference import NoteClassifier
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.settings import Settings
@@ -87,7 +88,7 @@ async def test_a_note_at_or_above_the_threshold_gets_a_critical_card(serve, bund
     assert response.status_code == 200
     [card] = response.json()["cards"]
     assert card["indicator"] == "critical" and len(card["summary"]) < 140 and "EMERGENCY" in card["summary"]
-    probability = float(bundle.predict_proba([NOTES[0]])[0])
+    probability = float(NoteClassifier.from_bundle(bundle).predict_proba([NOTES[0]])[0])
     detail = card["detail"]
     assert f"{probability:.3f}" in detail and "**Threshold:** 0.000" in detail
     assert f"`{bundle.manifest.decision.policy}`" in detail

@@ -67,7 +67,7 @@ async def test_a_document_reference_gets_a_valid_risk_assessment(serve, settings
     assert assessment.subject.reference == "Patient/p-1" and assessment.encounter.reference == "Encounter/e-1"
     assert [basis.reference for basis in assessment.basis] == ["DocumentReference/doc-1"]
     [prediction] = assessment.prediction
-    probability = float(bundle.predict_proba([NOTES[0]])[0])
+    probability = float(NoteClassifier.from_bundle(bundle).predict_proba([NOTES[0]])[0])
     assert float(prediction.probabilityDecimal) == pytest.approx(probability, abs=1e-5)
     [outcome] = prediction.outcome.coding
     threshold = bundle.manifest.decision.threshold
@@ -98,7 +98,7 @@ async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(serv
         "DocumentReference/doc-2",
     ]
     assert [float(a.prediction[0].probabilityDecimal) for a in assessments] == pytest.approx(
-        bundle.predict_proba(NOTES).tolist(), abs=1e-5
+        NoteClassifier.from_bundle(bundle).predict_proba(NOTES).tolist(), abs=1e-5
     )
 
 
@@ -116,7 +116,7 @@ async def test_a_note_without_id_is_referenced_by_identifier_or_full_url(serve, 
 
 
 async def test_base64_data_is_decoded_in_the_declared_charset(serve, settings, bundle):
-    expected = float(bundle.predict_proba([NOTES[0]])[0])
+    expected = float(NoteClassifier.from_bundle(bundle).predict_proba([NOTES[0]])[0])
     async with serve(settings()) as client:
         euc_kr = await post_fhir(
             client, document(NOTES[0], content_type="text/plain; charset=EUC-KR", encoding="euc-kr")
@@ -153,7 +153,7 @@ async def test_a_communication_is_classified_from_its_text_payloads(serve, setti
     assessment = RiskAssessment.model_validate(response.json())
     assert assessment.basis[0].reference == "Communication/msg-9"
     assert (assessment.subject.reference, assessment.encounter.reference) == ("Patient/p-2", "Encounter/e-2")
-    expected = float(bundle.predict_proba([f"{NOTES[2]}\n\nBT 38.9"])[0])
+    expected = float(NoteClassifier.from_bundle(bundle).predict_proba([f"{NOTES[2]}\n\nBT 38.9"])[0])
     assert float(assessment.prediction[0].probabilityDecimal) == pytest.approx(expected, abs=1e-5)
 
 

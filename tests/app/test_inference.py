@@ -1,4 +1,7 @@
-"""NoteClassifier against the bundle's own end-to-end prediction. All notes are SYNTHETIC."""
+"""NoteClassifier, the one path from note text to P(emergency). All notes are SYNTHETIC."""
+
+import importlib
+import sys
 
 import numpy as np
 import pytest
@@ -6,30 +9,75 @@ import pytest
 from app.bundle import load_bundle
 from app.inference import NoteClassifier
 
+CPU = ["CPUExecutionProvider"]
 NOTES = ["CC: seizure", "3세 남아 보호자 동반 내원 CC: chest pain. BT 38.4, HR 140", "CC: wart", "x"]
 
 
 @pytest.fixture(scope="module")
 def bundle(tiny_bundle_dir):
-    return load_bundle(tiny_bundle_dir)
+    return load_bundle(tiny_bundle_dir, variant="fp32", providers=CPU)
 
 
-def test_batches_of_pre_tokenized_notes_match_the_bundles_prediction(bundle):
-    classifier = NoteClassifier(bundle, bundle.manifest.max_input_tokens)
+@pytest.fixture(scope="module")
+def classifier(bundle):
+    return NoteClassifier.from_bundle(bundle)
+
+
+def test_predict_proba_gives_one_probability_per_note_in_order(classifier, notes):
+    texts = [t for t, _ in notes[:50]]
+    probs = classifier.predict_proba(texts)
+    assert probs.shape == (50,) and probs.dtype == np.float32
+    assert ((probs >= 0) & (probs <= 1)).all()
+    np.testing.assert_allclose(classifier.predict_proba(texts[::-1]), probs[::-1], atol=1e-6)
+    # padding a note with longer neighbours does not change its probability
+    np.testing.assert_allclose(classifier.predict_proba(texts, batch_size=1), probs, atol=1e-5)
+    assert classifier.predict_proba([]).shape == (0,)
+
+
+def test_predict_proba_is_the_batched_predict_of_encoded_notes(classifier):
     encoded = classifier.encode(NOTES)
-    assert [len(note.ids) for note in encoded] == bundle.count_tokens(NOTES)
     assert not any(note.truncated for note in encoded)
     np.testing.assert_allclose(
-        classifier.predict([note.ids for note in encoded]), bundle.predict_proba(NOTES), atol=1e-5
+        classifier.predict([note.ids for note in encoded]), classifier.predict_proba(NOTES), atol=1e-5
     )
 
 
+def test_predictions_separate_the_synthetic_classes(classifier, notes):
+    probs = classifier.predict_proba([t for t, _ in notes])
+    labels = np.array([y for _, y in notes])
+    assert probs[labels == 1].mean() > probs[labels == 0].mean()
+
+
+def test_encode_keeps_special_tokens_and_cuts_at_the_models_input_size(bundle, classifier):
+    short, long = classifier.encode(["chest pain", "chest pain " * 200])
+    assert len(short.ids) == len(bundle.tokenizer.encode("chest pain").ids) >= 3  # [CLS] ... [SEP]
+    assert not short.truncated
+    assert long.truncated and len(long.ids) == bundle.manifest.max_input_tokens
+
+
 def test_notes_over_max_note_tokens_are_cut_and_marked(bundle):
-    classifier = NoteClassifier(bundle, max_note_tokens=6)
+    classifier = NoteClassifier.from_bundle(bundle, max_note_tokens=6)
     short, long = classifier.encode(["CC: wart", " ".join(["chest pain"] * 10)])
     assert not short.truncated and long.truncated and len(long.ids) == 6
 
 
 def test_max_note_tokens_cannot_exceed_the_models_input_size(bundle):
     with pytest.raises(ValueError, match="max_input_tokens"):
-        NoteClassifier(bundle, bundle.manifest.max_input_tokens + 1)
+        NoteClassifier.from_bundle(bundle, bundle.manifest.max_input_tokens + 1)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
+def test_each_variant_agrees_with_fp32_within_its_recorded_difference(tiny_bundle_dir, notes, classifier, variant):
+    texts = [t for t, _ in notes[:40]]
+    bundle = load_bundle(tiny_bundle_dir, variant=variant, providers=CPU, intra_op_threads=1)
+    assert bundle.variant == variant and bundle.providers == CPU
+    recorded = bundle.manifest.variants[variant].max_abs_diff
+    difference = NoteClassifier.from_bundle(bundle).predict_proba(texts) - classifier.predict_proba(texts)
+    assert np.abs(difference).max() <= recorded + 1e-4
+
+
+def test_without_onnx_runtime_the_error_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    monkeypatch.delitem(sys.modules, "app.bundle")
+    with pytest.raises(ModuleNotFoundError, match=r"dsgkd-triage\[cpu\].*dsgkd-triage\[gpu\]"):
+        importlib.import_module("app.bundle")

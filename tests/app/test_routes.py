@@ -49,13 +49,15 @@ async def test_single_note_gets_the_bundles_probability_and_label(serve, setting
     [result] = body["results"]
     threshold = bundle.manifest.decision.threshold
     assert result["id"] == "0" and result["truncated"] is False and result["threshold"] == threshold
-    assert result["probability"] == pytest.approx(float(bundle.predict_proba([NOTES[0]])[0]), abs=1e-5)
+    assert result["probability"] == pytest.approx(
+        float(NoteClassifier.from_bundle(bundle).predict_proba([NOTES[0]])[0]), abs=1e-5
+    )
     assert result["label"] == ("emergency" if result["probability"] >= threshold else "non-emergency")
     assert response.headers["x-request-id"]
 
 
 async def test_many_notes_keep_their_order_and_ids(serve, settings, tiny_bundle_dir):
-    expected = load_bundle(tiny_bundle_dir).predict_proba(NOTES)
+    expected = NoteClassifier.from_bundle(load_bundle(tiny_bundle_dir)).predict_proba(NOTES)
     notes = [{"id": "b", "text": NOTES[0]}, {"text": NOTES[1]}, {"id": "a", "text": NOTES[2]}]
     async with serve(settings(model_name="renamed")) as client:
         response = await client.post("/classify", json={"notes": notes}, headers={"X-Request-ID": "req-42"})

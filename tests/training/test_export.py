@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from app.bundle import create_session, load_bundle, sha256_file
 from app.bundle import load_tokenizer as load_bundle_tokenizer
-from app.bundle import predict_proba as onnx_predict_proba
+from app.inference import NoteClassifier
 from app.manifest import Manifest
 from training.checkpoints import checkpoint_dir
 from training.cli import app
@@ -63,7 +63,7 @@ def test_bundle_predicts_like_pytorch(bundle, tiny_run, held_out):
         load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), held_out, max_length=MAX_TOKENS
     )
     loaded = load_bundle(bundle, variant="fp32", providers=CPU)
-    np.testing.assert_allclose(loaded.predict_proba(held_out), expected, atol=1e-4)
+    np.testing.assert_allclose(NoteClassifier.from_bundle(loaded).predict_proba(held_out), expected, atol=1e-4)
 
 
 def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle, tiny_run, parts):
@@ -93,9 +93,11 @@ def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle,
 def int8_file(bundle, parts, tmp_path_factory):
     """The bundle's fp32 graph quantized as the export does, calibrated on the training notes."""
     fp32_file = bundle / Manifest.model_validate_json((bundle / "manifest.json").read_text()).variants["fp32"].file
-    tokenizer = load_bundle_tokenizer(bundle / "tokenizer.json", MAX_TOKENS)
+    fp32_classifier = NoteClassifier(
+        create_session(fp32_file, CPU), load_bundle_tokenizer(bundle / "tokenizer.json"), MAX_TOKENS
+    )
     out_file = tmp_path_factory.mktemp("int8") / "int8.onnx"
-    quantize_int8(fp32_file, out_file, tokenizer, parts["train"].texts)
+    quantize_int8(fp32_file, out_file, fp32_classifier, parts["train"].texts)
     return out_file
 
 
@@ -115,14 +117,12 @@ def test_int8_quantizes_every_matmul_but_the_feed_forward_down_projections(int8_
 def test_int8_scores_a_note_the_same_alone_and_in_any_batch(int8_file, bundle, held_out):
     # Static activation scales: nothing in a note's computation depends on the notes batched with it
     # (dynamic quantization took each scale from the whole batch).
-    session = create_session(int8_file, CPU)
-    tokenizer = load_bundle_tokenizer(bundle / "tokenizer.json", MAX_TOKENS)
-    alone = onnx_predict_proba(session, tokenizer, held_out, batch_size=1)
-    np.testing.assert_allclose(onnx_predict_proba(session, tokenizer, held_out, batch_size=32), alone, atol=1e-5)
-    reversed_notes = held_out[::-1]
-    np.testing.assert_allclose(
-        onnx_predict_proba(session, tokenizer, reversed_notes, batch_size=7), alone[::-1], atol=1e-5
+    classifier = NoteClassifier(
+        create_session(int8_file, CPU), load_bundle_tokenizer(bundle / "tokenizer.json"), MAX_TOKENS
     )
+    alone = classifier.predict_proba(held_out, batch_size=1)
+    np.testing.assert_allclose(classifier.predict_proba(held_out, batch_size=32), alone, atol=1e-5)
+    np.testing.assert_allclose(classifier.predict_proba(held_out[::-1], batch_size=7), alone[::-1], atol=1e-5)
 
 
 def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
@@ -186,6 +186,27 @@ def test_optimum_failure_falls_back_to_torch_onnx(tiny_run, tmp_path, monkeypatc
     bundle = export_bundle(tiny_run, tmp_path / "fallback")
     manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
     assert manifest.export_method == "torch.onnx" and manifest.variants["fp32"].max_abs_diff <= 1e-4
+
+
+def test_the_export_checks_each_variant_through_the_services_predict(tiny_run, tmp_path, monkeypatch):
+    """The export scores every variant with `NoteClassifier.predict`, the function the service's batcher runs:
+    a fault planted there (int8 answering 0.5 for every note) is what the export measures and drops."""
+    scored_files = set()
+    service_predict = NoteClassifier.predict
+
+    def planted(self, token_ids):
+        model_file = self.session._model_path.rsplit("/", 1)[-1]
+        scored_files.add(model_file)
+        probabilities = service_predict(self, token_ids)
+        return np.full_like(probabilities, 0.5) if model_file == "model.int8.onnx" else probabilities
+
+    monkeypatch.setattr(NoteClassifier, "predict", planted)
+    bundle = export_bundle(tiny_run, tmp_path / "planted")
+    assert scored_files == {"model.onnx", "model.int8.onnx", "model.fp16.onnx"}
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    int8 = manifest.variants["int8"]
+    assert int8.valid_auroc == 0.5 and not int8.kept and "validation AUROC" in int8.note
+    assert manifest.variants["fp32"].kept and manifest.variants["fp32"].max_abs_diff <= 1e-4
 
 
 def test_failed_parity_leaves_no_bundle(tiny_run, tmp_path, monkeypatch):

@@ -1,0 +1,25 @@
+"""What the routers share besides the service core: the ready service of a request, and its access-log fields."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+from starlette.requests import Request
+
+from app.service import LogFields, Service, ServiceError
+
+
+def ready_service(request: Request) -> Service:
+    """The loaded service (a FastAPI dependency); 503 while the model loads or the service shuts down."""
+    service: Service | None = request.app.state.service
+    if service is None:
+        raise ServiceError(
+            HTTPStatus.SERVICE_UNAVAILABLE, "model not loaded (starting up or shutting down)", retry=True
+        )
+    return service
+
+
+def log_fields(request: Request) -> LogFields:
+    """The request's access-log fields, which routes and the core add counts to (never note text or ids)."""
+    fields: LogFields = request.scope.setdefault("state", {}).setdefault("log_fields", {})
+    return fields
