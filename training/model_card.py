@@ -79,11 +79,13 @@ def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], rep
         "",
         f"Parity with PyTorch on {parity_notes} held-out notes (validation + test).",
         "",
-        "| variant | size (MB) | kept | max abs diff of P | label agreement | validation AUROC drop | batch shift of P |",
+        "| variant | size (MB) | kept | max abs diff of P | label agreement | validation AUROC drop "
+        "| batch shift of P |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
         *(
             f"| {name} | {v.size_bytes / 1e6:.1f} | {'yes' if v.kept else f'no ({v.note})'} | "
-            f"{_figure(v.max_abs_diff, '.2e')} | {_figure(v.label_agreement, '.2%')} | {_figure(v.auroc_drop, '+.4f')} | "
+            f"{_figure(v.max_abs_diff, '.2e')} | {_figure(v.label_agreement, '.2%')} | "
+            f"{_figure(v.auroc_drop, '+.4f')} | "
             f"{_figure(v.batch_shift, '.2e')} |"
             for name, v in manifest.variants.items()
         ),

@@ -80,7 +80,7 @@ class MlmCollator(DataCollatorForLanguageModeling):
     reads each example's `offset_mapping`, but `tokenizer.pad` leaves that ragged; it is padded here.
     """
 
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def torch_call(self, examples: list[Any]) -> dict[str, Any]:  # tokenized lines: dicts with input_ids...
         if self.whole_word_mask:
             longest = max(len(example["input_ids"]) for example in examples)
             side = self.tokenizer.padding_side
@@ -256,7 +256,7 @@ def tokenize(
         return_special_tokens_mask=True,
         return_offsets_mapping=whole_word_mask,
     )
-    return [dict(zip(encoding.keys(), values)) for values in zip(*encoding.values())]
+    return [dict(zip(encoding.keys(), values, strict=True)) for values in zip(*encoding.values(), strict=True)]
 
 
 def split_heldout(lines: list[str], count: int, seed: int) -> tuple[list[str], list[str]]:
@@ -289,9 +289,9 @@ def shuffled_batches(
         if group_by_length:
             groups = order.split(batch_size * LENGTH_GROUP_BATCHES)
             order = torch.cat([group[lengths[group].argsort(descending=True, stable=True)] for group in groups])
-        order = order.tolist()
-        for start in range(skipped_steps * batch_size, len(order), batch_size):
-            yield collator([features[i] for i in order[start : start + batch_size]])
+        positions = order.tolist()
+        for start in range(skipped_steps * batch_size, len(positions), batch_size):
+            yield collator([features[i] for i in positions[start : start + batch_size]])
         epoch, skipped_steps = epoch + 1, 0
 
 

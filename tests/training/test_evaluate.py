@@ -129,7 +129,7 @@ def test_target_sensitivity_keeps_collinear_roc_points():
 
 
 def test_unknown_policy_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="prevalence, fixed-0.5, target-sensitivity"):
+    with pytest.raises(ValueError, match=r"prevalence, fixed-0\.5, target-sensitivity"):
         choose_threshold("youden")
 
 
@@ -138,7 +138,7 @@ def test_unknown_policy_lists_the_valid_ones():
     [("prevalence", {}), ("target-sensitivity", {"valid_labels": LABELS}), ("prevalence", {"train_labels": [0, 0]})],
 )
 def test_policy_without_its_inputs_is_an_error(policy, kwargs):
-    with pytest.raises(ValueError, match="train_labels|valid_prob"):
+    with pytest.raises(ValueError, match=r"train_labels|valid_prob"):
         choose_threshold(policy, **kwargs)
 
 

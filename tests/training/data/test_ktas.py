@@ -57,7 +57,7 @@ def test_missing_values_are_omitted_not_invented():
 
 
 def test_lost_korean_complaints_are_left_out():
-    row = {c: "" for c in TRIAGE_COLUMNS} | {"Chief_complain": " ? ? ", "Age": "30", "Sex": "2"}
+    row = dict.fromkeys(TRIAGE_COLUMNS, "") | {"Chief_complain": " ? ? ", "Age": "30", "Sex": "2"}
     assert ktas_note(row) == "30M"
 
 
