@@ -29,11 +29,10 @@ from sklearn.metrics import roc_auc_score
 from app.bundle import CPU, TOKENIZER_FILE, create_session, load_tokenizer
 from app.inference import NoteClassifier
 from app.manifest import Manifest
-from training.config import DataArguments
 from training.data.loading import load_parts
 from training.export import CALIBRATION_NOTES, export_bundle
 from training.onnx_variants import FFN_DOWN, quantize_int8
-from training.run_report import load_run_config
+from training.run_dir import RunDirectory
 
 # (fp32 file, int8 file to write, the fp32 file's classifier, calibration notes); the dynamic ways calibrate nothing.
 Quantize = Callable[[Path, Path, NoteClassifier, list[str]], None]
@@ -102,8 +101,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs a line per tensor
 
-    config = load_run_config(args.run)
-    parts = load_parts(DataArguments(**{**config["data"], "split_file": str(args.run / "split.json")}))
+    parts = load_parts(RunDirectory(args.run).data_arguments())
     valid, held_out = parts["valid"], [*parts["valid"].texts, *parts["test"].texts]
     with tempfile.TemporaryDirectory() as work:
         bundle = export_bundle(args.run, Path(work) / "bundle", tolerance=1.0)

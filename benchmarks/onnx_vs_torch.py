@@ -27,13 +27,12 @@ from sklearn.metrics import roc_auc_score
 from app.bundle import CPU, create_session, load_tokenizer
 from app.inference import NoteClassifier
 from app.manifest import Manifest
-from training.checkpoints import checkpoint_dir
-from training.config import DataArguments
+from training.config import SELECT_METRICS
 from training.data.loading import load_parts
 from training.modeling import load_student
 from training.modeling import load_tokenizer as load_hf_tokenizer
 from training.predict import predict_proba as torch_predict_proba
-from training.run_report import load_run_config
+from training.run_dir import RunDirectory
 
 Predict = Callable[[list[str]], np.ndarray]
 GOAL_SPEEDUP, GOAL_AUROC_DROP, GOAL_BATCH = 2.5, 0.005, 32
@@ -79,7 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="Run directory (its test split and best checkpoint).")
     parser.add_argument("--bundle", type=Path, required=True, help="Bundle exported from that run.")
-    parser.add_argument("--metric", default="auroc", help="Best checkpoint of the run (as exported).")
+    parser.add_argument(
+        "--metric", default="auroc", choices=SELECT_METRICS, help="Best checkpoint of the run (as exported)."
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="Threads of PyTorch and of ONNX Runtime.")
@@ -93,9 +94,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     manifest = Manifest.model_validate_json((args.bundle / "manifest.json").read_text())
-    config = load_run_config(args.run)
-    test = load_parts(DataArguments(**{**config["data"], "split_file": str(args.run / "split.json")}))["test"]
-    checkpoint = checkpoint_dir(args.run, args.metric)
+    run = RunDirectory(args.run)
+    test = load_parts(run.data_arguments())["test"]
+    checkpoint = run.checkpoint(args.metric)
     max_tokens = manifest.max_input_tokens
 
     engines = {"PyTorch eager fp32": torch_engine(checkpoint, max_tokens)}

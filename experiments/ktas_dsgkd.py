@@ -34,7 +34,7 @@ from training.data.readers import read_table
 from training.data.split import make_split
 from training.evaluate import compute_metrics, reliability_bins, resample_indices, resampled_metrics
 from training.fit import fit
-from training.run_report import PREDICTIONS_FILE
+from training.run_dir import RunDirectory
 
 log = logging.getLogger("experiment")
 METRICS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "brier", "ece")
@@ -75,7 +75,8 @@ def run_dir(out: Path, config: Config, seed: int) -> Path:
 def train(config: Config, seed: int, out: Path, split_file: Path, recipe: TrainingArguments) -> dict:
     """Fit one run unless it finished before; returns its threshold, test predictions and wall time."""
     directory = run_dir(out, config, seed)
-    predictions = directory / "eval" / PREDICTIONS_FILE
+    run = RunDirectory(directory)
+    predictions = run.predictions_file()
     timing = directory / "wall_seconds.json"
     if not (predictions.is_file() and timing.is_file()):
         shutil.rmtree(directory, ignore_errors=True)  # a run stopped half-way starts over
@@ -88,7 +89,7 @@ def train(config: Config, seed: int, out: Path, split_file: Path, recipe: Traini
             EvalArguments(),
         )
         timing.write_text(json.dumps({"wall_seconds": round(time.perf_counter() - start, 1)}))
-    decision = json.loads((directory / "eval" / "metrics.json").read_text())["decision"]
+    decision = run.decision()
     return {
         "config": config.name,
         "seed": seed,

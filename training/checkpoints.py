@@ -4,52 +4,49 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from training.config import SELECT_METRICS, SelectMetric
+from training.run_dir import RunDirectory
+
 # metric -> True if higher is better
-TRACKED = {"auroc": True, "brier": False, "loss": False, "f1": True}
+TRACKED: dict[SelectMetric, bool] = {"auroc": True, "brier": False, "loss": False, "f1": True}
+assert set(TRACKED) == set(SELECT_METRICS)
 
 
 class CheckpointKeeper:
-    def __init__(self, run_dir: Path):
-        self.root = run_dir / "checkpoints"
-        self.best: dict[str, float] = {}
+    def __init__(self, run: RunDirectory):
+        self.run = run
+        self.best: dict[SelectMetric, float] = {}
 
     def update(
         self, epoch: int, metrics: dict[str, float], model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
-    ) -> list[str]:
+    ) -> list[SelectMetric]:
         """Save when `metrics` beat the best so far on any tracked metric; returns the metrics improved."""
         improved = [m for m, higher in TRACKED.items() if self._better(m, metrics[m], higher)]
         if not improved:
             return []
-        target = self.root / f"epoch-{epoch}"
+        target = self.run.epoch_checkpoint(epoch)
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
-        (target / "checkpoint.json").write_text(json.dumps({"epoch": epoch, "valid": metrics}, indent=2))
+        info = {"epoch": epoch, "valid": metrics}
+        self.run.checkpoint_info_file(target).write_text(json.dumps(info, indent=2))
         for metric in improved:
             self.best[metric] = metrics[metric]
-            link = self.root / f"best-{metric}"
+            link = self.run.best_link(metric)
             link.unlink(missing_ok=True)
             link.symlink_to(target.name, target_is_directory=True)
         self._remove_unreferenced()
         return improved
 
-    def _better(self, metric: str, value: float, higher: bool) -> bool:
+    def _better(self, metric: SelectMetric, value: float, higher: bool) -> bool:
         if metric not in self.best:
             return True
         return value > self.best[metric] if higher else value < self.best[metric]
 
     def _remove_unreferenced(self) -> None:
-        kept = {link.resolve().name for link in self.root.glob("best-*")}
-        for directory in self.root.glob("epoch-*"):
+        kept = {self.run.best_link(metric).resolve().name for metric in TRACKED}
+        for directory in self.run.checkpoints_dir.glob("epoch-*"):
             if directory.name not in kept:
                 shutil.rmtree(directory)
-
-
-def checkpoint_dir(run_dir: Path, metric: str) -> Path:
-    path = Path(run_dir) / "checkpoints" / f"best-{metric}"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint; metrics kept are {sorted(TRACKED)}")
-    return path.resolve()

@@ -1,8 +1,14 @@
-"""`python -m training ...`: fit, evaluate, pretrain, prepare-models, export."""
+"""`python -m training ...`: fit, evaluate, pretrain, prepare-models, export.
+
+Only light modules are imported here (no torch, transformers, pandas or scikit-learn): every option is
+checked while the command line is parsed, so a wrong value fails at once; each command imports what it
+runs only after that.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -12,15 +18,17 @@ from rich.logging import RichHandler
 
 from training.cli_options import dataclass_command
 from training.config import (
-    ConfigError,
     DataArguments,
+    DataFormat,
     DistillArguments,
     EvalArguments,
     ModelArguments,
     PretrainArguments,
+    SelectMetric,
     TrainingArguments,
+    check_fit_options,
 )
-from training.data.examples import DataError
+from training.errors import ConfigError, DataError, RunDirectoryError
 
 app = typer.Typer(
     help="Train, distill, evaluate and export clinical triage models.",
@@ -40,7 +48,9 @@ def main(verbose: Annotated[bool, typer.Option(help="Debug logging.")] = False) 
 
 
 @app.command()
-@dataclass_command(DataArguments, ModelArguments, TrainingArguments, DistillArguments, EvalArguments)
+@dataclass_command(
+    DataArguments, ModelArguments, TrainingArguments, DistillArguments, EvalArguments, check=check_fit_options
+)
 def fit(
     data: DataArguments,
     model: ModelArguments,
@@ -62,28 +72,37 @@ def evaluate(
     data: Annotated[
         str | None, typer.Option(help="Evaluate on every row of this file instead of the run's own test split.")
     ] = None,
-    data_format: Annotated[str, typer.Option(help="Format of --data: auto, ktas or table (as in fit).")] = "auto",
-    metric: Annotated[str, typer.Option(help="Which best checkpoint: auroc, brier, loss or f1.")] = "auroc",
-    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap resamples (default: the run's setting).")] = None,
+    data_format: Annotated[DataFormat, typer.Option(help="Format of --data (as in fit).")] = "auto",
+    metric: Annotated[SelectMetric, typer.Option(help="Which best checkpoint.")] = "auroc",
+    bootstrap: Annotated[
+        int | None, typer.Option(min=2, help="Bootstrap resamples (default: the run's setting).")
+    ] = None,
 ) -> None:
     """Evaluate a run's best checkpoint: metrics with bootstrap CIs, report.md and plots under the run."""
-    from training.run_report import eval_args_from, evaluate_run, load_run_config
+    from dataclasses import replace
+
+    from training.run_dir import RunDirectory
 
     with _clear_errors():
-        config = load_run_config(run)
-        eval_args = eval_args_from(config)
+        run_dir = RunDirectory(run)
+        eval_args = run_dir.eval_arguments()
         if bootstrap is not None:
-            eval_args.bootstrap = bootstrap
-        external = DataArguments(**{**config["data"], "data": data, "data_format": data_format}) if data else None
-        evaluate_run(run, eval_args, metric=metric, external=external)
-    typer.echo(f"report written to {run / ('eval-external' if data else 'eval')}")
+            eval_args = replace(eval_args, bootstrap=bootstrap)
+        external = None
+        if data:
+            external = DataArguments(**{**run_dir.read_config()["data"], "data": data, "data_format": data_format})
+
+        from training.run_report import evaluate_run
+
+        evaluate_run(run_dir, eval_args, metric=metric, external=external)
+    typer.echo(f"report written to {run_dir.eval_dir(external=external is not None)}")
 
 
 @app.command()
 def export(
     run: Annotated[Path, typer.Option(help="Run directory written by `fit` (evaluated).")],
     out: Annotated[Path, typer.Option(help="Bundle directory to write, e.g. models/NAME.")],
-    metric: Annotated[str, typer.Option(help="Which best checkpoint: auroc, brier, loss or f1.")] = "auroc",
+    metric: Annotated[SelectMetric, typer.Option(help="Which best checkpoint.")] = "auroc",
     name: Annotated[str | None, typer.Option(help="Bundle name (default: the name of --out).")] = None,
     version: Annotated[str | None, typer.Option(help="Bundle version (default: UTC date + model hash).")] = None,
     tolerance: Annotated[
@@ -95,7 +114,8 @@ def export(
     batch_shift_atol: Annotated[
         float,
         typer.Option(
-            help="Largest change of a note's P(emergency) between scoring it alone and in a batch, for keeping the int8/fp16 variants."
+            help="Largest change of a note's P(emergency) between scoring it alone and in a batch, "
+            "for keeping the int8/fp16 variants."
         ),
     ] = 1e-3,
     quantize_embeddings: Annotated[
@@ -148,10 +168,11 @@ def prepare_models(
 
 
 @contextmanager
-def _clear_errors(*more_errors: type[Exception]):
+def _clear_errors(*more_errors: type[Exception]) -> Iterator[None]:
     """Turn input errors (and `more_errors`) into a one-line message and exit code 2 instead of a traceback."""
+    errors: tuple[type[Exception], ...] = (DataError, ConfigError, RunDirectoryError, FileNotFoundError, *more_errors)
     try:
         yield
-    except (DataError, ConfigError, FileNotFoundError, *more_errors) as error:
+    except errors as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None

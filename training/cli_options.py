@@ -1,7 +1,9 @@
 """Typer commands whose flags come from dataclass fields, optionally filled from a YAML/JSON config file.
 
-Each field becomes `--field-name` with the field's help text. Precedence: flag on the command line >
-value in `--config FILE` > the dataclass default.
+Each field becomes `--field-name` with the field's help text and type (a `Literal` type becomes a choice
+that typer checks and lists). Precedence: flag on the command line > value in `--config FILE` > the
+dataclass default. The dataclasses check themselves when built (`__post_init__`) and `check` checks them
+together; a `ConfigError` from either becomes a usage error (exit code 2) before the command runs.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import functools
 import inspect
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
 import yaml
+
+from training.errors import ConfigError
 
 CONFIG_HELP = "YAML or JSON file with the same options (flat, or grouped by section); flags override it."
 
@@ -39,12 +44,15 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in flat.items()}
 
 
-def dataclass_command(*classes: type) -> Callable:
-    """Decorate `fn(*instances)`: the wrapped command takes every field of `classes` as a flag, plus --config."""
+def dataclass_command(*classes: type, check: Callable[..., None] | None = None) -> Callable[[Callable], Callable]:
+    """Decorate `fn(*instances)`: the wrapped command takes every field of `classes` as a flag, plus --config.
+
+    `check(*instances)`, if given, checks the instances together before `fn` runs."""
 
     def decorate(fn: Callable) -> Callable:
         params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
-        owner, required = {}, []
+        owner: dict[str, type] = {}
+        required: list[str] = []
         for cls in classes:
             hints = typing.get_type_hints(cls)
             for f in fields(cls):
@@ -72,21 +80,28 @@ def dataclass_command(*classes: type) -> Callable:
             )
         )
 
-        @functools.wraps(fn)
         def command(ctx: typer.Context, **values: Any) -> Any:
             from_file = read_config_file(values.pop("config"))
             unknown = sorted(set(from_file) - set(owner))
             if unknown:
                 raise typer.BadParameter(f"unknown option(s) in config file: {unknown}", param_hint="--config")
             for name, value in from_file.items():
-                if ctx.get_parameter_source(name).name not in ("COMMANDLINE", "ENVIRONMENT"):
+                source = ctx.get_parameter_source(name)
+                if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
                     values[name] = value
             missing = [f"--{name.replace('_', '-')}" for name in required if values[name] is None]
             if missing:
                 raise typer.BadParameter(f"missing option(s) {', '.join(missing)} (on the command line or in --config)")
-            return fn(*(cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in classes))
+            try:
+                instances = [cls(**{f.name: values[f.name] for f in fields(cls)}) for cls in classes]
+                if check is not None:
+                    check(*instances)
+            except ConfigError as error:
+                raise typer.BadParameter(str(error)) from None
+            return fn(*instances)
 
-        command.__signature__ = inspect.Signature(params)
-        return command
+        wrapped: Any = functools.wraps(fn)(command)
+        wrapped.__signature__ = inspect.Signature(params)  # what typer reads the options from
+        return wrapped
 
     return decorate

@@ -32,3 +32,16 @@ def length_sorted_batches(texts: list[str], batch_size: int) -> list[np.ndarray]
     """Positions grouped so that notes of similar length share a batch (less padding at inference)."""
     order = np.argsort([len(t) for t in texts], kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+class Positions(torch.utils.data.Dataset[int]):
+    """The positions 0..n-1 of a set of examples: what a loader samples and hands to a collator."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> int:
+        return index

@@ -1,19 +1,135 @@
 """Options of every training command, one dataclass per concern (as in Hugging Face's run_glue.py).
 
 The CLI turns each field into a flag with the field's help text; a YAML/JSON file may hold the same
-options (flags given on the command line win).
+options (flags given on the command line win). Every option is checked when its dataclass is built,
+before anything heavy is imported or trained: closed choices are `Literal` types (the CLI lists the
+allowed values, and values read from a config file are checked against the same lists), ranges and
+combinations are checked in `__post_init__`, and each error names the option. This module must not
+import torch or transformers.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+
+from training.errors import ConfigError
+
+__all__ = [
+    "ATTENTION_LOSSES",
+    "DATA_FORMATS",
+    "HIDDEN_LOSSES",
+    "METHODS",
+    "SELECT_METRICS",
+    "THRESHOLD_POLICIES",
+    "WORD_POLICIES",
+    "AttentionLoss",
+    "ConfigError",
+    "DataArguments",
+    "DataFormat",
+    "DistillArguments",
+    "EvalArguments",
+    "HiddenLoss",
+    "LayerMap",
+    "Method",
+    "ModelArguments",
+    "PretrainArguments",
+    "SelectMetric",
+    "ThresholdPolicy",
+    "TrainingArguments",
+    "WordPolicy",
+    "check_fit_options",
+    "flag",
+    "parse_layer_map",
+]
+
+Method = Literal["base", "mlkd", "ensemble"]
+SelectMetric = Literal["auroc", "brier", "loss", "f1"]  # the validation metrics a best checkpoint is kept for
+ThresholdPolicy = Literal["prevalence", "fixed-0.5", "target-sensitivity"]
+DataFormat = Literal["auto", "ktas", "table"]
+WordPolicy = Literal["latin", "all"]
+HiddenLoss = Literal["mse", "cosine"]
+AttentionLoss = Literal["mse", "kl"]
+LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counted from 1
+
+METHODS: tuple[Method, ...] = get_args(Method)
+SELECT_METRICS: tuple[SelectMetric, ...] = get_args(SelectMetric)
+THRESHOLD_POLICIES: tuple[ThresholdPolicy, ...] = get_args(ThresholdPolicy)
+DATA_FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
+WORD_POLICIES: tuple[WordPolicy, ...] = get_args(WordPolicy)
+HIDDEN_LOSSES: tuple[HiddenLoss, ...] = get_args(HiddenLoss)
+ATTENTION_LOSSES: tuple[AttentionLoss, ...] = get_args(AttentionLoss)
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-class ConfigError(ValueError):
-    """Options that contradict each other or name something unknown."""
+def flag(name: str) -> str:
+    """The command-line flag of a field: `threshold_policy` -> `--threshold-policy`."""
+    return "--" + name.replace("_", "-")
+
+
+def _literal_values(kind: Any) -> tuple[Any, ...]:
+    """The allowed values of a `Literal[...]` (or `Literal[...] | None`) type; () for any other type."""
+    if get_origin(kind) is Literal:
+        return get_args(kind)
+    return tuple(v for arg in get_args(kind) if get_origin(arg) is Literal for v in get_args(arg))
+
+
+def _check_choices(options: Any) -> None:
+    """Values of `Literal` fields must be one of the allowed values (a config file bypasses the CLI's check)."""
+    hints = typing.get_type_hints(type(options))
+    for f in fields(options):
+        allowed = _literal_values(hints[f.name])
+        value = getattr(options, f.name)
+        if allowed and value is not None and value not in allowed:
+            raise ConfigError(f"{flag(f.name)}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+
+def _at_least(options: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"{flag(name)} must be at least {minimum}, got {value}")
+
+
+def _positive(options: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(options, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag(name)} must be positive, got {value}")
+
+
+def _fraction(options: Any, *names: str, low_open: bool = True, high_open: bool = True) -> None:
+    for name in names:
+        value = getattr(options, name)
+        above = value > 0 if low_open else value >= 0
+        below = value < 1 if high_open else value <= 1
+        if not (above and below):
+            interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+            raise ConfigError(f"{flag(name)} must be in {interval}, got {value}")
+
+
+def parse_layer_map(spec: str | None) -> LayerMap | None:
+    """'2:1,4:2' -> [(2, 1), (4, 2)] (student layer : teacher layer, counted from 1); None or '' -> None."""
+    if not spec:
+        return None
+    pairs: LayerMap = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        try:
+            student, teacher = (int(p) for p in parts)
+        except ValueError as err:
+            raise ConfigError(f"--layer-map {spec!r}: expected pairs like '2:1,4:2'") from err
+        if student < 1 or teacher < 1:
+            raise ConfigError(
+                f"--layer-map {spec!r}: layers count from 1 (the embeddings are not mapped), got {item.strip()!r}"
+            )
+        pairs.append((student, teacher))
+    return pairs
 
 
 @dataclass
@@ -21,10 +137,11 @@ class DataArguments:
     data: str = field(
         default="ktas", metadata={"help": "'ktas' (the bundled KTAS data) or a path to a CSV/TSV/JSONL/Parquet file."}
     )
-    data_format: str = field(
+    data_format: DataFormat = field(
         default="auto",
         metadata={
-            "help": "'ktas' builds triage notes from KTAS columns; 'table' reads text/label columns; 'auto' picks 'ktas' for --data ktas."
+            "help": "'ktas' builds triage notes from KTAS columns; 'table' reads text/label columns; "
+            "'auto' picks 'ktas' for --data ktas."
         },
     )
     text_columns: list[str] = field(
@@ -35,7 +152,8 @@ class DataArguments:
     label_map: str | None = field(
         default=None,
         metadata={
-            "help": "Map raw labels to 0/1, e.g. '1=1,2=1,3=1,4=0,5=0' or 'yes=emergency,no=non-emergency'. Default: 0/1 or the label names."
+            "help": "Map raw labels to 0/1, e.g. '1=1,2=1,3=1,4=0,5=0' or 'yes=emergency,no=non-emergency'. "
+            "Default: 0/1 or the label names."
         },
     )
     delimiter: str | None = field(
@@ -59,6 +177,18 @@ class DataArguments:
     test_fraction: float = field(default=0.15, metadata={"help": "Fraction of --data for test when splitting."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the stratified split."})
 
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        if not self.text_columns:
+            raise ConfigError("--text-columns: at least one column is needed")
+        if bool(self.valid_file) != bool(self.test_file):
+            raise ConfigError("--valid-file and --test-file go together")
+        _fraction(self, "valid_fraction", "test_fraction")
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"--valid-fraction {self.valid_fraction} + --test-fraction {self.test_fraction} leave no training data"
+            )
+
 
 @dataclass
 class ModelArguments:
@@ -72,15 +202,19 @@ class ModelArguments:
     max_length: int = field(
         default=384,
         metadata={
-            "help": "Maximum tokens per note; longer notes are truncated (batches are padded only to their longest note)."
+            "help": "Maximum tokens per note; longer notes are truncated "
+            "(batches are padded only to their longest note)."
         },
     )
+
+    def __post_init__(self) -> None:
+        _at_least(self, 2, "max_length")  # room for the special tokens and one word
 
 
 @dataclass
 class TrainingArguments:
     out: str = field(default="runs/default", metadata={"help": "Run directory for checkpoints, logs and reports."})
-    method: str = field(
+    method: Method = field(
         default="base",
         metadata={
             "help": "base (plain fine-tuning), mlkd (DSG-KD) or ensemble (DSG-KD with teacher-student logit ensemble)."
@@ -107,37 +241,63 @@ class TrainingArguments:
     patience: int = field(
         default=3, metadata={"help": "Stop after this many epochs without improving --select-metric on validation."}
     )
-    select_metric: str = field(
+    select_metric: SelectMetric = field(
         default="auroc",
-        metadata={
-            "help": "Validation metric for early stopping and the exported checkpoint: auroc, brier, loss or f1."
-        },
+        metadata={"help": "Validation metric for early stopping and the checkpoint evaluated on test."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for weights, batches and dropout."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]. Mixed precision is used on CUDA."})
+    device: str = field(
+        default="auto", metadata={"help": "auto, cpu, mps or cuda[:N]. Mixed precision is used on CUDA."}
+    )
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     freeze_embeddings: bool = field(
         default=False,
         metadata={
-            "help": "Keep the word-embedding matrix fixed: with a large multilingual vocabulary (e5-small: 250k x 384) a step is much cheaper, and a small data set cannot move most rows anyway."
+            "help": "Keep the word-embedding matrix fixed: with a large multilingual vocabulary "
+            "(e5-small: 250k x 384) a step is much cheaper, and a small data set cannot move most rows anyway."
         },
     )
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _at_least(self, 1, "epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "patience", "threads")
+        _positive(self, "encoder_lr", "head_lr", "max_grad_norm")
+        _at_least(self, 0, "weight_decay")
+        _fraction(self, "warmup_ratio", low_open=False)
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"--device: {self.device!r} is not one of 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'")
 
 
 @dataclass
 class DistillArguments:
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the word-level hidden-state loss."})
-    beta: float = field(default=0.1, metadata={"help": "Weight of the word-level attention loss."})
-    word_policy: str = field(default="latin", metadata={"help": "Words to align: 'latin' (English terms) or 'all'."})
+    """Everything about distillation, from the word alignment to the loss weights (`mlkd`, `ensemble`)."""
+
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the word-level hidden-state loss added to the CE."})
+    beta: float = field(default=0.1, metadata={"help": "Weight of the word-level attention loss added to the CE."})
+    word_policy: WordPolicy = field(
+        default="latin", metadata={"help": "Words to align: 'latin' (English terms) or 'all'."}
+    )
     max_words: int = field(default=32, metadata={"help": "At most this many aligned words per note."})
-    hidden_loss: str = field(default="mse", metadata={"help": "Hidden-state loss: mse or cosine."})
-    attention_loss: str = field(default="mse", metadata={"help": "Attention loss: mse or kl."})
+    hidden_loss: HiddenLoss = field(
+        default="mse", metadata={"help": "Hidden-state loss: mse (mean over features) or cosine (1 - similarity)."}
+    )
+    attention_loss: AttentionLoss = field(
+        default="mse",
+        metadata={"help": "Attention loss: mse over a word's row, or kl (teacher || student) of the row over words."},
+    )
     layer_map: str | None = field(
         default=None,
-        metadata={"help": "Student:teacher layer pairs, e.g. '2:1,4:2,6:3'; default maps layers uniformly."},
+        metadata={
+            "help": "Student:teacher layer pairs counted from 1, e.g. '2:1,4:2,6:3'; "
+            "default: one pair per layer of the shallower model, spread uniformly."
+        },
     )
     logit_weight: float = field(
-        default=0.0, metadata={"help": "Weight of logit distillation (needs a teacher with a classification head)."}
+        default=0.0,
+        metadata={
+            "help": "Weight of logit distillation (mlkd: needs a teacher with a classification head; "
+            "ensemble: default 1)."
+        },
     )
     temperature: float = field(default=2.0, metadata={"help": "Temperature of logit distillation."})
     teacher_cache: bool = field(
@@ -145,13 +305,26 @@ class DistillArguments:
         metadata={"help": "Compute the frozen teacher's word features once per dataset and reuse them every epoch."},
     )
 
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _at_least(self, 0, "alpha", "beta", "logit_weight")
+        _at_least(self, 1, "max_words")
+        _positive(self, "temperature")
+        parse_layer_map(self.layer_map)
+
+    @property
+    def layer_pairs(self) -> LayerMap | None:
+        """`layer_map` as (student layer, teacher layer) pairs; None: the uniform map (see `uniform_layer_map`)."""
+        return parse_layer_map(self.layer_map)
+
 
 @dataclass
 class EvalArguments:
-    threshold_policy: str = field(
+    threshold_policy: ThresholdPolicy = field(
         default="prevalence",
         metadata={
-            "help": "Decision threshold for the model's label: prevalence (training prevalence, the original rule), fixed-0.5, or target-sensitivity."
+            "help": "Decision threshold for the model's label: prevalence (training prevalence, the original rule), "
+            "fixed-0.5, or target-sensitivity."
         },
     )
     target_sensitivity: float = field(
@@ -160,13 +333,31 @@ class EvalArguments:
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for 95% confidence intervals."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
 
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        _fraction(self, "target_sensitivity", high_open=False)
+        _at_least(self, 2, "bootstrap")
+
+
+def check_fit_options(
+    data: DataArguments,
+    model: ModelArguments,
+    training: TrainingArguments,
+    distill: DistillArguments,
+    evaluation: EvalArguments,
+) -> None:
+    """Checks across the option groups of `fit` (each group checks itself when built)."""
+    if training.method != "base" and not model.teacher:
+        raise ConfigError(f"--method {training.method} needs --teacher")
+
 
 @dataclass
 class PretrainArguments:
     model: str = field(metadata={"help": "Encoder to pretrain: a Hugging Face hub id or a local directory."})
     corpus: str = field(
         metadata={
-            "help": "Corpus: 'icd10cm' or a notes file (.csv, .tsv, .jsonl, .parquet: see text_column; .txt: one note per line)."
+            "help": "Corpus: 'icd10cm' or a notes file "
+            "(.csv, .tsv, .jsonl, .parquet: see text_column; .txt: one note per line)."
         }
     )
     out: Path = field(
@@ -210,19 +401,11 @@ class PretrainArguments:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        for name in ("max_length", "batch_size", "save_steps", "log_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs must be positive, got {self.epochs}")
-        if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"mlm_probability must be between 0 and 1, got {self.mlm_probability}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.eval_lines < 0:
-            raise ConfigError(f"eval_lines must not be negative, got {self.eval_lines}")
+        _at_least(self, 1, "max_length", "batch_size", "save_steps", "log_steps", "max_steps")
+        _positive(self, "epochs", "learning_rate", "max_grad_norm")
+        _fraction(self, "mlm_probability")
+        _fraction(self, "warmup_ratio", low_open=False)
+        _at_least(self, 0, "eval_lines", "weight_decay")
 
     def options(self) -> dict[str, Any]:
         """The options as JSON values."""

@@ -31,8 +31,7 @@ from transformers import PreTrainedTokenizerFast
 from app.bundle import CPU, MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, sha256_file
 from app.inference import NoteClassifier
 from app.manifest import Decision, Encoders, Manifest, Variant
-from training.checkpoints import checkpoint_dir
-from training.config import DataArguments
+from training.config import SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_parts
 from training.model_card import write_model_card
@@ -40,7 +39,7 @@ from training.modeling import load_student
 from training.modeling import load_tokenizer as load_hf_tokenizer
 from training.onnx_variants import ExportError, convert_fp16, export_fp32, quantize_int8
 from training.predict import predict_proba as torch_predict_proba
-from training.run_report import load_run_config
+from training.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +55,7 @@ CALIBRATION_NOTES = 256
 def export_bundle(
     run_dir: str | Path,
     out_dir: str | Path,
-    metric: str = "auroc",
+    metric: SelectMetric = "auroc",
     name: str | None = None,
     version: str | None = None,
     tolerance: float = 0.005,
@@ -110,12 +109,13 @@ class Source:
         return self.config["model"]["max_length"]
 
 
-def _load_source(run_dir: Path, metric: str) -> Source:
-    config = load_run_config(run_dir)
-    checkpoint = checkpoint_dir(run_dir, metric)
-    report = _test_report(run_dir, checkpoint)
-    decision = _decision(checkpoint)
-    parts = load_parts(DataArguments(**{**config["data"], "split_file": str(run_dir / "split.json")}))
+def _load_source(run_dir: Path, metric: SelectMetric) -> Source:
+    run = RunDirectory(run_dir)
+    config = run.read_config()
+    checkpoint = run.checkpoint(metric)
+    report = run.test_report(checkpoint)  # eval/metrics.json, which must describe the exported checkpoint
+    decision = _decision(run.decision(checkpoint))
+    parts = load_parts(run.data_arguments())
     return Source(run_dir, config, checkpoint, parts, report, decision)
 
 
@@ -238,11 +238,12 @@ def _measure(model_file: Path, tokenizer: Tokenizer, max_tokens: int, reference:
             f"more than --batch-shift-atol {limits.batch_shift_atol}"
         )
     threshold = reference.threshold
+    label_agreement = float(np.mean((probs >= threshold) == (reference.torch_probs >= threshold)))
     variant = Variant(
         **figures,
         kept=not faults,
         max_abs_diff=float(np.abs(probs - reference.torch_probs).max()),
-        label_agreement=float(np.mean((probs >= threshold) == (reference.torch_probs >= threshold))),
+        label_agreement=label_agreement,
         valid_auroc=valid_auroc,
         auroc_drop=drop,
         batch_shift=batch_shift,
@@ -252,7 +253,7 @@ def _measure(model_file: Path, tokenizer: Tokenizer, max_tokens: int, reference:
         "%s: max |dP| %.2e, label agreement %.2f%%, validation AUROC drop %+.4f, batch shift %.2e%s",
         model_file.name,
         variant.max_abs_diff,
-        100 * variant.label_agreement,
+        100 * label_agreement,
         drop,
         batch_shift,
         "" if variant.kept else " -> dropped",
@@ -284,26 +285,7 @@ def _write_tokenizer(
     return {file_name: sha256_file(out_dir / file_name) for file_name in written}
 
 
-def _test_report(run_dir: Path, checkpoint: Path) -> dict:
-    """eval/metrics.json, which must describe the checkpoint being exported."""
-    path = run_dir / "eval" / "metrics.json"
-    if not path.is_file():
-        raise ExportError(f"{path}: missing; run `python -m training evaluate --run {run_dir}` first")
-    report = json.loads(path.read_text())
-    evaluated = (run_dir / report["checkpoint"]["path"]).resolve()
-    if evaluated != checkpoint:
-        raise ExportError(
-            f"{path} describes {evaluated.name}, not the exported {checkpoint.name}; run "
-            f"`python -m training evaluate --run {run_dir} --metric <the same metric>` first"
-        )
-    return report
-
-
-def _decision(checkpoint: Path) -> Decision:
-    info = json.loads((checkpoint / "checkpoint.json").read_text())
-    if "decision" not in info:
-        raise ExportError(f"{checkpoint / 'checkpoint.json'}: no decision threshold; evaluate the run first")
-    decision = info["decision"]
+def _decision(decision: dict) -> Decision:
     target = decision["target_sensitivity"] if decision["policy"] == "target-sensitivity" else None
     return Decision(threshold=decision["threshold"], policy=decision["policy"], target_sensitivity=target)
 

@@ -8,7 +8,6 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
@@ -19,23 +18,24 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from training.checkpoints import CheckpointKeeper
+from training.collate import Positions
 from training.config import (
-    ConfigError,
     DataArguments,
     DistillArguments,
     EvalArguments,
     ModelArguments,
     TrainingArguments,
+    check_fit_options,
 )
 from training.data.loading import load_parts
 from training.evaluate import compute_metrics
-from training.modeling import load_student, load_tokenizer, parameter_groups
+from training.modeling import load_student, load_tokenizer, parameter_groups, to_device
 from training.objectives import CrossEntropyObjective
 from training.predict import predict_proba
+from training.run_dir import RunDirectory
 from training.run_report import evaluate_run
 
 log = logging.getLogger(__name__)
-METHODS = ("base", "mlkd", "ensemble")
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,36 +59,26 @@ def fit(
     distill_args: DistillArguments,
     eval_args: EvalArguments,
 ) -> Path:
-    if train_args.method not in METHODS:
-        raise ConfigError(f"--method must be one of {METHODS}, not {train_args.method!r}")
-    if train_args.method != "base" and not model_args.teacher:
-        raise ConfigError(f"--method {train_args.method} needs --teacher")
-    run_dir = Path(train_args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "data": asdict(data_args),
-        "model": asdict(model_args),
-        "training": asdict(train_args),
-        "distill": asdict(distill_args),
-        "evaluation": asdict(eval_args),
-    }
-    (run_dir / "run_config.json").write_text(json.dumps(config, indent=2))
+    """Train, keep the best checkpoints, evaluate the `select_metric` one on test; returns the run directory."""
+    check_fit_options(data_args, model_args, train_args, distill_args, eval_args)
+    run = RunDirectory(Path(train_args.out))
+    run.write_config(data_args, model_args, train_args, distill_args, eval_args)
     if train_args.threads:
         torch.set_num_threads(train_args.threads)
     set_seed(train_args.seed)
     device = pick_device(train_args.device)
 
-    parts = load_parts(data_args, run_dir)
+    parts = load_parts(data_args, save_split=run.split_file)
     tokenizer = load_tokenizer(model_args.student)
     attn = "sdpa" if train_args.method == "base" else "eager"  # distillation reads attention maps
-    model = load_student(model_args.student, attn_implementation=attn).to(device)
+    model = to_device(load_student(model_args.student, attn_implementation=attn), device)
     if train_args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     objective = build_objective(train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device)
 
     generator = torch.Generator().manual_seed(train_args.seed)
     loader = torch.utils.data.DataLoader(
-        range(len(parts["train"])),
+        Positions(len(parts["train"])),
         batch_size=train_args.batch_size,
         shuffle=True,
         generator=generator,
@@ -106,10 +96,9 @@ def fit(
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
     autocast, scaler = _mixed_precision(device)
 
-    keeper = CheckpointKeeper(run_dir)
+    keeper = CheckpointKeeper(run)
     prevalence = float(parts["train"].labels.mean())
-    history = run_dir / "history.jsonl"
-    history.write_text("")
+    run.history_file.write_text("")
     step, stale, start = 0, 0, time.perf_counter()
     for epoch in range(1, train_args.epochs + 1):
         model.train()
@@ -141,11 +130,13 @@ def fit(
             "epoch": epoch,
             "step": step,
             "elapsed_s": round(time.perf_counter() - start, 1),
-            "train": {k: float(np.mean([l[k] for l in epoch_logs])) for k in epoch_logs[0]} if epoch_logs else {},
+            "train": {k: float(np.mean([entry[k] for entry in epoch_logs])) for k in epoch_logs[0]}
+            if epoch_logs
+            else {},
             "valid": metrics,
             "improved": improved,
         }
-        with history.open("a") as f:
+        with run.history_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log.info(
             "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s",
@@ -160,14 +151,14 @@ def fit(
             break
 
     train_seconds = time.perf_counter() - start
-    (run_dir / "train_summary.json").write_text(
+    run.summary_file.write_text(
         json.dumps(
             {"steps": step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)}, indent=2
         )
     )
     log.info("trained %d steps in %.0f s; evaluating best-%s on test", step, train_seconds, train_args.select_metric)
-    evaluate_run(run_dir, eval_args, parts=parts, metric=train_args.select_metric, device=device)
-    return run_dir
+    evaluate_run(run, eval_args, parts=parts, metric=train_args.select_metric, device=device)
+    return run.root
 
 
 def _validate(model, tokenizer, valid, prevalence, train_args, model_args, device) -> dict[str, float]:

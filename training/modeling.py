@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from training.data.examples import LABEL_NAMES
 from training.pretrained import resolve_model
 
 HEAD_PREFIXES = ("classifier", "pooler", "score")
 
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+
+def to_device(model: ModelT, device: torch.device | str) -> ModelT:
+    """`model.to(device)`, typed: transformers wraps `PreTrainedModel.to` with `functools.wraps`, which type
+    checkers cannot bind to the instance. Modules move in place, and the model's own `to` is what runs."""
+    module: torch.nn.Module = model
+    module.to(device)
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), use_fast=True)
-    if not tokenizer.is_fast:
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError(f"{name_or_path}: a fast tokenizer is required (offset mappings align words across models)")
     return tokenizer
 

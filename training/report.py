@@ -12,12 +12,13 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from training.evaluate import METRIC_LABELS, checked_inputs
+from training.run_dir import METRICS_FILE
 
 
 def _metric_table(metrics: Mapping[str, Mapping[str, float]], level: float) -> list[str]:
-    rows = ["| metric | value | {:.0%} CI |".format(level), "| --- | ---: | ---: |"]
+    rows = [f"| metric | value | {level:.0%} CI |", "| --- | ---: | ---: |"]
     rows += [
-        f"| {METRIC_LABELS.get(name, name)} | {m['value']:.3f} | {m['low']:.3f} – {m['high']:.3f} |"
+        f"| {METRIC_LABELS.get(name, name)} | {m['value']:.3f} | {m['low']:.3f} – {m['high']:.3f} |"  # noqa: RUF001 (an en dash)
         for name, m in metrics.items()
     ]
     return rows
@@ -157,7 +158,7 @@ def write_report(report: dict, y_true, prob, out_dir: str | Path, title: str) ->
         raise ValueError(f"report was made from {report['counts']['n']} rows but y_true has {labels.size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(_markdown(report, title), encoding="utf-8")
     _plot_roc(report, labels, probabilities, title, out / "roc.png")
     _plot_pr(report, labels, probabilities, title, out / "pr.png")

@@ -2,60 +2,49 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
-from training.checkpoints import checkpoint_dir
-from training.config import DataArguments, EvalArguments, ModelArguments
+from training.config import THRESHOLD_POLICIES, DataArguments, EvalArguments, SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_examples, load_parts
 from training.evaluate import choose_threshold, evaluate
-from training.report import write_report
-from training.modeling import load_student, load_tokenizer
+from training.modeling import load_student, load_tokenizer, to_device
 from training.predict import predict_proba
+from training.report import write_report
+from training.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
-THRESHOLD_POLICIES = ("prevalence", "fixed-0.5", "target-sensitivity")
-PREDICTIONS_FILE = "predictions.csv"
-
-
-def load_run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "run_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no run_config.json)")
-    return json.loads(path.read_text())
 
 
 def evaluate_run(
-    run_dir: Path,
+    run: RunDirectory,
     eval_args: EvalArguments,
     parts: dict[str, Examples] | None = None,
-    metric: str = "auroc",
+    metric: SelectMetric = "auroc",
     device: torch.device | str = "cpu",
     external: DataArguments | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Thresholds come from the run's own train/valid data; the test set is the run's test split, or every
     row of `external`. Writes `<run>/eval/` (or `eval-external/`), with `predictions.csv` (row id, label,
-    P(emergency); no text), and, for the run's own test split, records the decision threshold in the
-    checkpoint. Returns the report."""
-    run_dir = Path(run_dir)
-    config = load_run_config(run_dir)
+    P(emergency); no text). For the run's own test split the report records the decision threshold
+    (`decision`, see `RunDirectory.decision`). Returns the report."""
+    config = run.read_config()
     if parts is None:
-        parts = load_parts(DataArguments(**{**config["data"], "split_file": str(run_dir / "split.json")}))
+        parts = load_parts(run.data_arguments())
     test = load_examples(external) if external else parts["test"]
-    max_length = ModelArguments(**config["model"]).max_length
-    checkpoint = checkpoint_dir(run_dir, metric)
-    model = load_student(str(checkpoint)).to(device)
+    max_length = run.model_arguments().max_length
+    checkpoint = run.checkpoint(metric)
+    model = to_device(load_student(str(checkpoint)), device)
     tokenizer = load_tokenizer(str(checkpoint))
     valid_prob, _ = predict_proba(model, tokenizer, parts["valid"].texts, 64, max_length, device)
     test_prob, _ = predict_proba(model, tokenizer, test.texts, 64, max_length, device)
 
-    thresholds = {
+    thresholds: dict[str, float] = {
         policy: choose_threshold(
             policy,
             train_labels=parts["train"].labels,
@@ -66,31 +55,20 @@ def evaluate_run(
         for policy in THRESHOLD_POLICIES
     }
     report = evaluate(test.labels, test_prob, thresholds, eval_args.bootstrap, eval_args.bootstrap_seed)
-    report["decision"] = {
-        "policy": eval_args.threshold_policy,
-        "threshold": thresholds[eval_args.threshold_policy],
-        "target_sensitivity": eval_args.target_sensitivity,
-    }
-    report["checkpoint"] = {"metric": metric, "path": str(checkpoint.relative_to(run_dir.resolve()))}
+    report["checkpoint"] = {"metric": metric, "path": run.relative(checkpoint)}
+    if not external:
+        report["decision"] = {
+            "policy": eval_args.threshold_policy,
+            "threshold": thresholds[eval_args.threshold_policy],
+            "target_sensitivity": eval_args.target_sensitivity,
+        }
     title = f"{config['training']['method']} - {Path(config['model']['student']).name} - "
     title += f"external: {Path(test.source).name}" if external else "test split"
-    out = run_dir / ("eval-external" if external else "eval")
+    out = run.eval_dir(external=external is not None)
     write_report(report, test.labels, test_prob, out, title)
     # Row ids, not text: lets runs be compared paired on the same notes (see experiments/).
     pd.DataFrame({"row_id": test.row_ids, "label": test.labels, "p_emergency": test_prob}).to_csv(
-        out / PREDICTIONS_FILE, index=False
+        run.predictions_file(external=external is not None), index=False
     )
-    if external:
-        return report
-
-    info_path = checkpoint / "checkpoint.json"
-    info = json.loads(info_path.read_text())
-    info["decision"] = report["decision"]
-    info_path.write_text(json.dumps(info, indent=2))
-    log.info("test report written to %s", run_dir / "eval")
+    log.info("test report written to %s", out)
     return report
-
-
-def eval_args_from(config: dict) -> EvalArguments:
-    known = {f.name for f in fields(EvalArguments)}
-    return EvalArguments(**{k: v for k, v in config.get("evaluation", {}).items() if k in known})

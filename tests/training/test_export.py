@@ -13,7 +13,6 @@ from app.bundle import create_session, load_bundle, sha256_file
 from app.bundle import load_tokenizer as load_bundle_tokenizer
 from app.inference import NoteClassifier
 from app.manifest import Manifest
-from training.checkpoints import checkpoint_dir
 from training.cli import app
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.data.loading import load_parts
@@ -22,6 +21,7 @@ from training.fit import fit
 from training.modeling import load_student, load_tokenizer
 from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.predict import predict_proba
+from training.run_dir import RunDirectory
 
 CPU = ["CPUExecutionProvider"]
 MAX_TOKENS = 64
@@ -48,8 +48,7 @@ def bundle(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parts(tiny_run):
-    config = json.loads((tiny_run / "run_config.json").read_text())
-    return load_parts(DataArguments(**{**config["data"], "split_file": str(tiny_run / "split.json")}))
+    return load_parts(RunDirectory(tiny_run).data_arguments())
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def held_out(parts):
 
 
 def test_bundle_predicts_like_pytorch(bundle, tiny_run, held_out):
-    checkpoint = checkpoint_dir(tiny_run, "auroc")
+    checkpoint = RunDirectory(tiny_run).checkpoint("auroc")
     expected, _ = predict_proba(
         load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), held_out, max_length=MAX_TOKENS
     )
@@ -67,7 +66,7 @@ def test_bundle_predicts_like_pytorch(bundle, tiny_run, held_out):
 
 
 def test_every_variant_has_its_figures_and_is_kept_only_within_tolerance(bundle, tiny_run, parts):
-    checkpoint = checkpoint_dir(tiny_run, "auroc")
+    checkpoint = RunDirectory(tiny_run).checkpoint("auroc")
     torch_probs, _ = predict_proba(
         load_student(str(checkpoint)), load_tokenizer(str(checkpoint)), parts["valid"].texts, max_length=MAX_TOKENS
     )
@@ -132,9 +131,9 @@ def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
     assert (manifest.name, manifest.version, manifest.export_method) == ("tiny", "1.0.0", "optimum")
     assert manifest.max_input_tokens == MAX_TOKENS
     assert manifest.encoders.method == "base" and manifest.encoders.teacher is None
-    decision = json.loads((checkpoint_dir(tiny_run, "auroc") / "checkpoint.json").read_text())["decision"]
+    report = json.loads(RunDirectory(tiny_run).metrics_file().read_text())
+    decision = report["decision"]
     assert (manifest.decision.policy, manifest.decision.threshold) == (decision["policy"], decision["threshold"])
-    report = json.loads((tiny_run / "eval" / "metrics.json").read_text())
     assert manifest.test_metrics["threshold_free"] == report["threshold_free"]
     assert {"torch", "transformers", "optimum-onnx", "onnx", "onnxruntime"} <= set(manifest.library_versions)
     for file_name, digest in manifest.tokenizer_files.items():
@@ -225,7 +224,7 @@ def test_failed_parity_leaves_no_bundle(tiny_run, tmp_path, monkeypatch):
 def test_cli_export_of_a_run_without_checkpoints_fails_clearly(tmp_path, tiny_run):
     run = tmp_path / "untrained"
     run.mkdir()
-    (run / "run_config.json").write_text((tiny_run / "run_config.json").read_text())
+    RunDirectory(run).config_file.write_text(RunDirectory(tiny_run).config_file.read_text())
     result = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "no checkpoint" in result.output and "best-auroc" in result.output

@@ -1,6 +1,7 @@
 """End-to-end base fine-tuning on SYNTHETIC notes with the tiny fixture encoder."""
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -9,12 +10,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from training.checkpoints import CheckpointKeeper, checkpoint_dir
+from training.checkpoints import CheckpointKeeper
 from training.cli import app
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.fit import fit
 from training.modeling import load_student, load_tokenizer, parameter_groups
 from training.predict import predict_proba
+from training.run_dir import RunDirectory
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,15 @@ def notes_csv(tmp_path_factory, notes):
 
 
 def train_args(out, **overrides):
-    base = dict(out=str(out), epochs=4, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, patience=4, seed=1)
+    base = {
+        "out": str(out),
+        "epochs": 4,
+        "batch_size": 16,
+        "encoder_lr": 2e-3,
+        "head_lr": 5e-3,
+        "patience": 4,
+        "seed": 1,
+    }
     return TrainingArguments(**{**base, **overrides})
 
 
@@ -43,7 +53,8 @@ def base_run(tmp_path_factory, notes_csv, tiny_bert_dir):
 
 
 def test_base_run_learns_and_writes_everything(base_run):
-    report = json.loads((base_run / "eval" / "metrics.json").read_text())
+    run = RunDirectory(base_run)
+    report = json.loads(run.metrics_file().read_text())
     assert report["threshold_free"]["auroc"]["value"] > 0.9  # learnable fixture: chance is 0.5
     for name in (
         "run_config.json",
@@ -60,16 +71,21 @@ def test_base_run_learns_and_writes_everything(base_run):
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert {"auroc", "brier", "loss", "f1"} <= set(history[0]["valid"])
     for metric in ("auroc", "brier", "loss", "f1"):
-        assert (checkpoint_dir(base_run, metric) / "model.safetensors").exists()
-    predictions = pd.read_csv(base_run / "eval" / "predictions.csv")
+        assert (run.checkpoint(metric) / "model.safetensors").exists()
+    predictions = pd.read_csv(run.predictions_file())
     assert list(predictions.columns) == ["row_id", "label", "p_emergency"]  # no text
     assert len(predictions) == report["counts"]["n"] and predictions["p_emergency"].between(0, 1).all()
     assert roc_auc_score(predictions["label"], predictions["p_emergency"]) == pytest.approx(
         report["threshold_free"]["auroc"]["value"]
     )
-    decision = json.loads((checkpoint_dir(base_run, "auroc") / "checkpoint.json").read_text())["decision"]
+    decision = run.decision(run.checkpoint("auroc"))
+    assert decision == report["decision"]
     assert decision["policy"] == "prevalence"
     assert decision["threshold"] == pytest.approx(0.5, abs=0.02)  # synthetic notes are half emergencies
+    assert report["checkpoint"] == {"metric": "auroc", "path": run.relative(run.checkpoint("auroc"))}
+    # The decision threshold is stored once: in the test report, not in the checkpoint.
+    info = json.loads(run.checkpoint_info_file(run.checkpoint("auroc")).read_text())
+    assert set(info) == {"epoch", "valid"} and set(info["valid"]) == {"auroc", "brier", "loss", "f1"}
 
 
 def test_only_best_epochs_are_kept_on_disk(base_run):
@@ -87,8 +103,9 @@ def test_reloaded_checkpoint_predicts_identically(tmp_path, tiny_bert_dir, notes
     model(**batch, labels=torch.tensor([y for _, y in notes[:8]])).loss.backward()
     optimizer.step()
     before, _ = predict_proba(model, tokenizer, texts)
-    CheckpointKeeper(tmp_path).update(1, {"auroc": 1.0, "brier": 0.0, "loss": 0.0, "f1": 1.0}, model, tokenizer)
-    path = checkpoint_dir(tmp_path, "auroc")
+    run = RunDirectory(tmp_path)
+    CheckpointKeeper(run).update(1, {"auroc": 1.0, "brier": 0.0, "loss": 0.0, "f1": 1.0}, model, tokenizer)
+    path = run.checkpoint("auroc")
     after, _ = predict_proba(load_student(str(path)), load_tokenizer(str(path)), texts)
     np.testing.assert_allclose(before, after, atol=1e-6)
 
@@ -137,7 +154,7 @@ def test_cli_config_file_with_flag_override(tmp_path, notes_csv, tiny_bert_dir):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "magic"], "--method must be one of"),
+        (["--method", "magic"], "'magic' is not one of 'base', 'mlkd', 'ensemble'"),
         (["--method", "mlkd"], "needs --teacher"),
         (["--data", "missing.csv"], "no such file"),
     ],
@@ -145,7 +162,7 @@ def test_cli_config_file_with_flag_override(tmp_path, notes_csv, tiny_bert_dir):
 def test_cli_reports_bad_input_clearly(tmp_path, tiny_bert_dir, args, message):
     result = CliRunner().invoke(app, ["fit", "--student", str(tiny_bert_dir), "--out", str(tmp_path / "r"), *args])
     assert result.exit_code == 2
-    assert message in result.output
+    assert message in " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())  # without rich's box
 
 
 def test_cli_rejects_unknown_config_keys(tmp_path):
@@ -166,11 +183,12 @@ def test_frozen_embeddings_stay_put(tmp_path, notes_csv, tiny_bert_dir):
         EvalArguments(bootstrap=10),
     )
     before = load_student(str(tiny_bert_dir)).get_input_embeddings().weight
-    after = load_student(str(checkpoint_dir(out, "loss"))).get_input_embeddings().weight
+    checkpoint = str(RunDirectory(out).checkpoint("loss"))
+    after = load_student(checkpoint).get_input_embeddings().weight
     assert torch.equal(before, after)
     assert not torch.equal(
         load_student(str(tiny_bert_dir)).bert.encoder.layer[0].output.dense.weight,
-        load_student(str(checkpoint_dir(out, "loss"))).bert.encoder.layer[0].output.dense.weight,
+        load_student(checkpoint).bert.encoder.layer[0].output.dense.weight,
     )
 
 

@@ -175,7 +175,7 @@ def test_shuffled_batches_cover_each_epoch_group_by_length_and_resume_mid_epoch(
     [("mlm_probability", 0.0), ("mlm_probability", 1.0), ("batch_size", 0), ("max_steps", 0), ("epochs", 0.0)],
 )
 def test_arguments_reject_bad_values(option, value):
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')}"):
         PretrainArguments(model="m", corpus="icd10cm", out=Path("out"), **{option: value})
 
 

@@ -9,13 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from training.errors import DataError
+
 log = logging.getLogger(__name__)
 
 LABEL_NAMES = ("non-emergency", "emergency")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used, with a message naming the file, row or column at fault."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Examples:
     def fingerprint(self) -> str:
         """sha256 over texts and labels: identifies the data a split was made from without storing any text."""
         digest = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels.tolist()):
+        for text, label in zip(self.texts, self.labels.tolist(), strict=True):
             digest.update(text.encode())
             digest.update(b"\x1f%d\x1e" % label)
         return digest.hexdigest()
@@ -83,7 +81,7 @@ def build_examples(
             )
         log.warning("dropped %d rows with empty text from %s", int(empty.sum()), source)
         keep = ~empty
-        texts, labels, row_ids = [t for t, k in zip(texts, keep) if k], labels[keep], row_ids[keep]
+        texts, labels, row_ids = [t for t, k in zip(texts, keep, strict=True) if k], labels[keep], row_ids[keep]
 
     classes = np.unique(labels)
     if len(classes) < 2:

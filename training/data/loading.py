@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from training.config import DataArguments
-from training.data.examples import DataError, Examples, build_examples, parse_label_map
+from training.data.examples import Examples, build_examples, parse_label_map
 from training.data.ktas import BUNDLED_KTAS, ktas_examples
 from training.data.readers import read_table
 from training.data.split import load_split, make_split
@@ -21,19 +21,15 @@ def load_examples(args: DataArguments, path: str | None = None) -> Examples:
         path = str(BUNDLED_KTAS)
     if is_ktas:
         return ktas_examples(read_table(path, delimiter=args.delimiter or ";"), path)
-    if args.data_format not in ("auto", "table"):
-        raise DataError(f"--data-format must be auto, ktas or table, not {args.data_format!r}")
     frame = read_table(path, delimiter=args.delimiter)
     return build_examples(
         frame, args.text_columns, args.label_column, parse_label_map(args.label_map), path, args.drop_empty
     )
 
 
-def load_parts(args: DataArguments, run_dir: Path | None = None) -> dict[str, Examples]:
-    """train/valid/test: given files, a saved split, or a new seeded stratified split (saved to run_dir)."""
-    if bool(args.valid_file) != bool(args.test_file):
-        raise DataError("--valid-file and --test-file go together")
-    if args.valid_file:
+def load_parts(args: DataArguments, save_split: Path | None = None) -> dict[str, Examples]:
+    """train/valid/test: given files, a saved split, or a new seeded stratified split (saved to `save_split`)."""
+    if args.valid_file and args.test_file:
         parts = {
             name: load_examples(args, p)
             for name, p in (("train", args.data), ("valid", args.valid_file), ("test", args.test_file))
@@ -45,8 +41,8 @@ def load_parts(args: DataArguments, run_dir: Path | None = None) -> dict[str, Ex
             if args.split_file
             else make_split(examples, args.valid_fraction, args.test_fraction, args.split_seed)
         )
-        if run_dir is not None:
-            split.save(run_dir / "split.json")
+        if save_split is not None:
+            split.save(save_split)
         parts = split.parts(examples)
     log.info("data: %s", ", ".join(f"{k} {len(v)} ({v.labels.mean():.1%} emergency)" for k, v in parts.items()))
     return parts

@@ -2,12 +2,11 @@
 
 `align` labels every student and teacher token with the word it covers (done in the data
 collator); `losses` pools both models onto those words and computes the hidden-state and
-attention losses added to the student's cross-entropy.
+attention losses added to the student's cross-entropy. Their options are `training.config.DistillArguments`.
 """
 
 from training.distill.align import Script, Word, WordAlignment, WordPolicy, align_words, split_words
 from training.distill.losses import (
-    DistillLossOptions,
     DistillLossOutput,
     MultiLevelDistillLoss,
     TeacherWordFeatures,
@@ -18,7 +17,6 @@ from training.distill.losses import (
 )
 
 __all__ = [
-    "DistillLossOptions",
     "DistillLossOutput",
     "MultiLevelDistillLoss",
     "Script",

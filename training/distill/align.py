@@ -24,12 +24,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import regex
 import torch
 
-WordPolicy = Literal["latin", "all"]
+from training.config import WORD_POLICIES, WordPolicy
 
 Offsets = torch.Tensor | Sequence[Sequence[tuple[int, int]]]
 
@@ -47,7 +46,7 @@ _WORD_PATTERN = regex.compile(
     | (?P<number>\p{Nd}+(?:\.\p{Nd}+)*)
     | (?P<hangul>[\p{Hangul}&&\p{L}]+)
     | (?P<other>[[\p{L}\p{M}]--\p{Latin}--\p{Hangul}]+)
-    """,
+    """,  # noqa: RUF001 (the right single quotation mark and the hyphen join words, as an apostrophe and "-" do)
     regex.VERBOSE | regex.V1,
 )
 
@@ -92,8 +91,8 @@ def align_words(
     a word is kept only if both models have a token in it (truncation can remove it from either),
     and each note keeps at most its first `max_words` kept words.
     """
-    if policy not in ("latin", "all"):
-        raise ValueError(f"policy must be 'latin' or 'all', got {policy!r}")
+    if policy not in WORD_POLICIES:
+        raise ValueError(f"policy must be one of {WORD_POLICIES}, got {policy!r}")
     if max_words < 1:
         raise ValueError(f"max_words must be at least 1, got {max_words}")
     student_offsets = _as_offset_tensor(student_offsets, "student_offsets", len(texts))
@@ -116,7 +115,10 @@ def align_words(
         teacher_word_index=_slot_of_token(teacher_candidate, slot),
         word_mask=torch.arange(num_words) < words_per_note[:, None],
         num_words=num_words,
-        words=[[w for w, keep in zip(note, row) if keep] for note, row in zip(candidates, kept.tolist())],
+        words=[
+            [w for w, keep in zip(note, row, strict=False) if keep]  # row is padded to the most candidates
+            for note, row in zip(candidates, kept.tolist(), strict=True)
+        ],
     )
 
 
@@ -132,7 +134,7 @@ def _as_offset_tensor(offsets: Offsets, name: str, batch_size: int) -> torch.Ten
 def _pad_spans(candidates: list[list[Word]]) -> torch.Tensor:
     """[B, C, 2] character spans of each note's candidate words; (0, 0) pads, overlapping no token."""
     spans = torch.zeros(len(candidates), max(map(len, candidates), default=0), 2, dtype=torch.long)
-    for row, words in zip(spans, candidates):
+    for row, words in zip(spans, candidates, strict=True):
         if words:
             row[: len(words)] = torch.tensor([(w.start, w.end) for w in words])
     return spans

@@ -8,6 +8,9 @@ Student and teacher use different tokenizers, so both are pooled onto the words 
   (`word_attention`), so that both maps are [words x words] over the same words. Keys outside
   every aligned word are left out, so a word row sums to the attention paid to aligned words.
 
+The options (weights, loss kinds, layer map) are those of `training.config.DistillArguments`, checked
+when it is built.
+
 Layers are numbered from 1 (the output of encoder layer 1) to the depth of the model, as in
 `hidden_states[i]` and `attentions[i - 1]` of a Hugging Face encoder. The embeddings
 (`hidden_states[0]`) never take part: they are lexical, tied to each model's own vocabulary, and
@@ -21,39 +24,18 @@ per-word buckets, measured no faster on CPU: the dense attention gradient domina
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-HiddenLoss = Literal["mse", "cosine"]
-AttentionLoss = Literal["mse", "kl"]
-LayerMap = list[tuple[int, int]]
+from training.config import DistillArguments, LayerMap
+from training.errors import ConfigError
 
 _TINY = 1e-12
-
-
-@dataclass
-class DistillLossOptions:
-    alpha: float = field(default=0.5, metadata={"help": "Weight of the hidden-state loss added to the student's CE."})
-    beta: float = field(default=0.1, metadata={"help": "Weight of the attention loss added to the student's CE."})
-    hidden_loss: HiddenLoss = field(
-        default="mse", metadata={"help": "'mse' (mean over features) or 'cosine' (1 - cosine similarity)."}
-    )
-    attention_loss: AttentionLoss = field(
-        default="mse",
-        metadata={"help": "'mse' over a word's row, or 'kl' (teacher || student) of the row renormalised over words."},
-    )
-    layer_map: LayerMap | None = field(
-        default=None,
-        metadata={
-            "help": "(student layer, teacher layer) pairs, counted from 1 (embeddings excluded); "
-            "None: one pair per layer of the shallower model, spread uniformly (see uniform_layer_map)."
-        },
-    )
 
 
 @dataclass
@@ -140,17 +122,13 @@ class MultiLevelDistillLoss(nn.Module):
         self,
         student_config: PretrainedConfig,
         teacher_config: PretrainedConfig,
-        options: DistillLossOptions | None = None,
+        options: DistillArguments | None = None,
     ) -> None:
         super().__init__()
-        self.options = options or DistillLossOptions()
-        if self.options.hidden_loss not in ("mse", "cosine"):
-            raise ValueError(f"hidden_loss must be 'mse' or 'cosine', got {self.options.hidden_loss!r}")
-        if self.options.attention_loss not in ("mse", "kl"):
-            raise ValueError(f"attention_loss must be 'mse' or 'kl', got {self.options.attention_loss!r}")
+        self.options = options or DistillArguments()
         self.student_depth = student_config.num_hidden_layers
         self.teacher_depth = teacher_config.num_hidden_layers
-        self.layer_map = self.options.layer_map or uniform_layer_map(self.student_depth, self.teacher_depth)
+        self.layer_map = self.options.layer_pairs or uniform_layer_map(self.student_depth, self.teacher_depth)
         self._check_layer_map()
         self.average_heads = student_config.num_attention_heads != teacher_config.num_attention_heads
         self.compared_heads = 1 if self.average_heads else student_config.num_attention_heads
@@ -237,11 +215,11 @@ class MultiLevelDistillLoss(nn.Module):
 
     def _check_layer_map(self) -> None:
         if not self.layer_map:
-            raise ValueError("layer_map is empty")
+            raise ConfigError("layer_map is empty")
         for student_layer, teacher_layer in self.layer_map:
             if not (1 <= student_layer <= self.student_depth and 1 <= teacher_layer <= self.teacher_depth):
-                raise ValueError(
-                    f"layer_map pair ({student_layer}, {teacher_layer}) is outside 1..{self.student_depth} (student) "
+                raise ConfigError(
+                    f"--layer-map pair {student_layer}:{teacher_layer} is outside 1..{self.student_depth} (student) "
                     f"and 1..{self.teacher_depth} (teacher); layers count from 1, embeddings are not mapped"
                 )
 

@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.config import ConfigError, DistillArguments, ModelArguments
+from training.collate import Positions
+from training.config import DistillArguments, Method, ModelArguments, WordPolicy
 from training.data.examples import Examples
 from training.distill.align import align_words
-from training.distill.losses import DistillLossOptions, MultiLevelDistillLoss, logit_distill_loss
+from training.distill.losses import MultiLevelDistillLoss, logit_distill_loss
 from training.distill.teacher import TeacherCache, TeacherOutputs, load_teacher, run_teacher
-from training.modeling import load_tokenizer
+from training.errors import ConfigError
+from training.modeling import load_tokenizer, to_device
 from training.objectives import model_inputs
 
 
@@ -27,7 +29,7 @@ class DistillCollator:
     teacher_tokenizer: PreTrainedTokenizerBase
     max_length: int
     teacher_max_length: int
-    word_policy: str
+    word_policy: WordPolicy
     max_words: int
 
     def __call__(self, positions: list[int]) -> dict[str, torch.Tensor]:
@@ -77,7 +79,8 @@ class DistillObjective:
         max_length: int,
         teacher_max_length: int,
     ):
-        self.tokenizer, self.teacher_tokenizer, self.teacher = tokenizer, teacher_tokenizer, teacher
+        self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
+        self.teacher: PreTrainedModel | None = teacher  # None once the cache replaces it
         self.distill_loss, self.args = loss, args
         self.max_length, self.teacher_max_length = max_length, teacher_max_length
         self.cache: TeacherCache | None = None
@@ -100,15 +103,18 @@ class DistillObjective:
         return int(batch["word_mask"].sum())
 
     def build_cache(self, examples: Examples, batch_size: int, device: torch.device) -> None:
-        loader = torch.utils.data.DataLoader(
-            range(len(examples)), batch_size=batch_size, collate_fn=self.collator(examples)
-        )
+        if self.teacher is None:
+            raise RuntimeError("the teacher cache is built already")
+        collator = self.collator(examples)
+        loader = torch.utils.data.DataLoader(Positions(len(examples)), batch_size=batch_size, collate_fn=collator)
         self.cache = TeacherCache.build(self.teacher, self.distill_loss, loader, len(examples), device)
         self.teacher = None  # the cache replaces it: free its memory
 
     def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> TeacherOutputs:
         if self.cache is not None:
             return self.cache.lookup(batch["positions"], batch["word_mask"].shape[1], batch["word_mask"].device)
+        if self.teacher is None:
+            raise RuntimeError("neither a teacher nor a teacher cache")
         return run_teacher(self.teacher, self.distill_loss, batch)
 
     def loss(
@@ -166,18 +172,8 @@ class EnsembleObjective(DistillObjective):
         return ((student_logits + probe_logits) / 2).detach(), F.cross_entropy(probe_logits, labels)
 
 
-def parse_layer_map(spec: str | None) -> list[tuple[int, int]] | None:
-    """'2:1,4:2' -> [(2, 1), (4, 2)] (student layer : teacher layer, counted from 1)."""
-    if not spec:
-        return None
-    try:
-        return [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")]
-    except ValueError as err:
-        raise ConfigError(f"--layer-map {spec!r}: expected pairs like '2:1,4:2'") from err
-
-
 def build_distill_objective(
-    method: str,
+    method: Method,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     model_args: ModelArguments,
@@ -185,18 +181,16 @@ def build_distill_objective(
     train: Examples,
     device: torch.device,
 ) -> DistillObjective:
-    if args.word_policy not in ("latin", "all"):
-        raise ConfigError(f"--word-policy must be latin or all, not {args.word_policy!r}")
+    if not model_args.teacher:
+        raise ConfigError(f"--method {method} needs --teacher")
     uses_teacher_head = method == "mlkd" and args.logit_weight > 0
-    teacher = load_teacher(model_args.teacher, with_head=uses_teacher_head).to(device)
+    teacher = to_device(load_teacher(model_args.teacher, with_head=uses_teacher_head), device)
     if uses_teacher_head and teacher.config.num_labels != model.config.num_labels:
         raise ConfigError("--logit-weight with mlkd needs a teacher with a two-label classification head")
-    options = DistillLossOptions(
-        args.alpha, args.beta, args.hidden_loss, args.attention_loss, parse_layer_map(args.layer_map)
-    )
-    loss = MultiLevelDistillLoss(model.config, teacher.config, options).to(device)
+    loss = MultiLevelDistillLoss(model.config, teacher.config, args).to(device)
     teacher_tokenizer = load_tokenizer(model_args.teacher)
     teacher_max_length = min(model_args.max_length, teacher.config.max_position_embeddings)
+    objective: DistillObjective
     if method == "ensemble":
         probe = nn.Linear(teacher.config.hidden_size, model.config.num_labels).to(device)
         # The ensemble target is what this method adds: weight 1 unless --logit-weight says otherwise.

@@ -80,8 +80,10 @@ class TeacherCache:
             cache.hidden[rows, :, :w] = out.words.hidden.transpose(0, 1).cpu()
             cache.attention[rows, :, :, :w, :w] = out.words.attention.transpose(0, 1).cpu()
             cache.sentence[rows] = out.sentence.cpu()
-            if cache.logits is not None:
+            if cache.logits is not None and out.logits is not None:
                 cache.logits[rows] = out.logits.cpu()
+        if cache is None:
+            raise ValueError("the teacher cache needs at least one note")
         log.info("teacher cache: %d notes, %.0f MB", size, (cache.hidden.numel() + cache.attention.numel()) * 4 / 2**20)
         return cache
 

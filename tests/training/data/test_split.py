@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from training.config import DataArguments
+from training.config import ConfigError, DataArguments
 from training.data import DataError, load_split, make_split
 from training.data.ktas import load_ktas
 from training.data.loading import load_parts
@@ -46,11 +46,11 @@ def test_split_refuses_changed_data(ktas):
 
 
 def test_load_parts_reuses_a_saved_split(tmp_path):
-    first = load_parts(DataArguments(data="ktas", split_seed=3), tmp_path)
+    first = load_parts(DataArguments(data="ktas", split_seed=3), save_split=tmp_path / "split.json")
     again = load_parts(DataArguments(data="ktas", split_seed=99, split_file=str(tmp_path / "split.json")))
     assert first["test"].row_ids.tolist() == again["test"].row_ids.tolist()
 
 
 def test_given_files_need_each_other():
-    with pytest.raises(DataError, match="go together"):
-        load_parts(DataArguments(data="ktas", valid_file="v.csv"))
+    with pytest.raises(ConfigError, match="--valid-file and --test-file go together"):
+        DataArguments(data="ktas", valid_file="v.csv")

@@ -133,7 +133,7 @@ def test_split_words_rules(text, expected):
 
 
 def test_split_words_scripts_of_other_letters():
-    assert [w.script for w in split_words("β 漢字 ｂｐｍ")] == [Script.OTHER, Script.OTHER, Script.LATIN]
+    assert [w.script for w in split_words("β 漢字 ｂｐｍ")] == [Script.OTHER, Script.OTHER, Script.LATIN]  # noqa: RUF001
 
 
 # --- align_words ---------------------------------------------------------------------------------
@@ -147,14 +147,14 @@ def test_latin_words_are_aligned_across_tokenizers(tokenizers, student, teacher)
     student_offsets, teacher_offsets = offsets(tokenizers[student], MIXED), offsets(tokenizers[teacher], MIXED)
     alignment = align_words(MIXED, student_offsets, teacher_offsets)
 
-    assert [word_texts(t, w) for t, w in zip(MIXED, alignment.words)] == [
+    assert [word_texts(t, w) for t, w in zip(MIXED, alignment.words, strict=True)] == [
         ["fever", "vomiting", "lethargy"],
         ["X-ray", "pneumonia", "SpO2"],
         ["seizure", "Crohn's", "disease"],
     ]
     assert alignment.num_words == 3
     assert alignment.word_mask.all()
-    for b, (text, words) in enumerate(zip(MIXED, alignment.words)):
+    for b, (text, words) in enumerate(zip(MIXED, alignment.words, strict=True)):
         for name, index, token_offsets in [
             ("student", alignment.student_word_index, student_offsets),
             ("teacher", alignment.teacher_word_index, teacher_offsets),

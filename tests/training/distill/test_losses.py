@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, BertConfig
 
+from training.config import ConfigError, DistillArguments
 from training.distill.align import align_words
 from training.distill.losses import (
-    DistillLossOptions,
     MultiLevelDistillLoss,
     TeacherWordFeatures,
     logit_distill_loss,
@@ -20,11 +20,11 @@ from training.distill.losses import (
     word_attention,
 )
 
-# (student layers, width, heads), (teacher layers, width, heads), layer_map
+# (student layers, width, heads), (teacher layers, width, heads), --layer-map
 SHAPES = {
     "deeper-narrower-student": ((4, 16, 4), (2, 24, 2), None),
     "same-shape": ((3, 16, 4), (3, 16, 4), None),
-    "explicit-map": ((2, 16, 2), (3, 8, 4), [(1, 3), (2, 2)]),
+    "explicit-map": ((2, 16, 2), (3, 8, 4), "1:3,2:2"),
 }
 
 
@@ -35,7 +35,7 @@ def encoder_config(layers: int, width: int, heads: int) -> BertConfig:
 def random_word_index(words_per_note: list[int], tokens: int, generator: torch.Generator) -> torch.Tensor:
     """[B, T] word slots as an alignment makes them: every word has a token, other tokens are -1 or a word."""
     index = torch.full((len(words_per_note), tokens), -1)
-    for row, words in zip(index, words_per_note):
+    for row, words in zip(index, words_per_note, strict=True):
         positions = torch.randperm(tokens - 1, generator=generator) + 1
         row[positions[:words]] = torch.arange(words)
         if words:
@@ -94,7 +94,7 @@ def reference_loss(
 def make_case(shape: str, hidden_loss: str, attention_loss: str, words_per_note: list[int], seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     (s_layers, s_width, s_heads), (t_layers, t_width, t_heads), layer_map = SHAPES[shape]
-    options = DistillLossOptions(hidden_loss=hidden_loss, attention_loss=attention_loss, layer_map=layer_map)
+    options = DistillArguments(hidden_loss=hidden_loss, attention_loss=attention_loss, layer_map=layer_map)
     torch.manual_seed(seed)
     loss = MultiLevelDistillLoss(
         encoder_config(s_layers, s_width, s_heads), encoder_config(t_layers, t_width, t_heads), options
@@ -171,7 +171,7 @@ def test_gradients_match_the_loop_and_reach_only_the_student(hidden_loss, attent
     )[0].backward()
     looped = [t.grad for t in [*case.student[0], *case.student[1]] if t.grad is not None]
     assert len(looped) == len(vectorized) == 2 * len(case.loss.layer_map)
-    for got, want in zip(vectorized, looped):
+    for got, want in zip(vectorized, looped, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(case.loss.projection.weight.grad, projection_grad, rtol=1e-4, atol=1e-6)
 
@@ -237,14 +237,14 @@ def test_uniform_layer_map():
 
 def test_bad_configuration_is_named():
     student, teacher = encoder_config(2, 16, 4), encoder_config(3, 16, 4)
-    with pytest.raises(ValueError, match="outside 1..2"):
-        MultiLevelDistillLoss(student, teacher, DistillLossOptions(layer_map=[(0, 1)]))
-    with pytest.raises(ValueError, match="hidden_loss"):
-        MultiLevelDistillLoss(student, teacher, DistillLossOptions(hidden_loss="l1"))
+    with pytest.raises(ConfigError, match=r"--layer-map pair 3:1 is outside 1\.\.2"):
+        MultiLevelDistillLoss(student, teacher, DistillArguments(layer_map="3:1"))
+    with pytest.raises(ConfigError, match="--hidden-loss: 'l1' is not one of 'mse', 'cosine'"):
+        DistillArguments(hidden_loss="l1")
     loss = MultiLevelDistillLoss(student, teacher)
     case = make_case("same-shape", "mse", "mse", words_per_note=[2, 1])
     head_averaged = TeacherWordFeatures(hidden=torch.zeros(3, 2, 2, 16), attention=torch.zeros(3, 2, 1, 2, 2))
-    with pytest.raises(ValueError, match="not \\[.., 4 heads, 2 words, 2 words\\]"):
+    with pytest.raises(ValueError, match=r"not \[\.\., 4 heads, 2 words, 2 words\]"):
         case.loss(case.student[0], case.student[1], case.student_index, case.word_mask, head_averaged)
     with pytest.raises(ValueError, match="output_attentions=True"):
         loss.teacher_word_features(SimpleNamespace(hidden_states=[], attentions=None), torch.zeros(1, 3).long(), 1)

@@ -9,9 +9,10 @@ import torch
 
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.data.examples import Examples
-from training.distill.objective import build_distill_objective, parse_layer_map
+from training.distill.objective import build_distill_objective
 from training.fit import fit
 from training.modeling import load_student, load_tokenizer
+from training.run_dir import RunDirectory
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,6 @@ def test_ensemble_distills_towards_the_teacher_probe_student_average(tiny_bert_d
     assert objective.args.logit_weight == 1.0
 
 
-def test_layer_map_parsing():
-    assert parse_layer_map("2:1,4:3") == [(2, 1), (4, 3)]
-    assert parse_layer_map(None) is None
-    with pytest.raises(ValueError, match="expected pairs"):
-        parse_layer_map("2-1")
-
-
 @pytest.mark.parametrize("method", ["mlkd", "ensemble"])
 def test_distillation_runs_end_to_end(tmp_path, notes, tiny_bert_dir, tiny_teacher_dir, method):
     data = tmp_path / "synthetic.csv"
@@ -95,11 +89,11 @@ def test_distillation_runs_end_to_end(tmp_path, notes, tiny_bert_dir, tiny_teach
         DistillArguments(word_policy="all"),
         EvalArguments(bootstrap=50),
     )
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in RunDirectory(out).history_file.read_text().splitlines()]
     assert history[0]["train"]["words"] > 0
     # The fixture teacher is randomly initialised, so it has no knowledge to pass on: what must show is
     # that the student moves towards it, and that the run ends with the usual checkpoints and report.
     assert history[-1]["train"]["hidden"] < 0.5 * history[0]["train"]["hidden"]
-    report = json.loads((out / "eval" / "metrics.json").read_text())
+    report = json.loads(RunDirectory(out).metrics_file().read_text())
     assert 0 <= report["threshold_free"]["auroc"]["value"] <= 1
-    assert (out / "checkpoints" / "best-auroc" / "model.safetensors").exists()
+    assert (RunDirectory(out).checkpoint("auroc") / "model.safetensors").exists()
