@@ -1,8 +1,8 @@
 """Load a model bundle (`models/NAME/`, written by `python -m training export`) for inference.
 
 A bundle is refused, with a `BundleError` naming the file and the fault, when its manifest is missing
-or invalid, when a file the manifest lists is missing, or when a file this process loads (the chosen
-ONNX variant and the tokenizer files) does not match its sha256 in the manifest.
+or invalid, when a file the manifest lists is missing, or when any listed file (every kept ONNX variant, not
+only the one served, and the tokenizer files) does not match its sha256 in the manifest.
 
 Imports only onnxruntime, tokenizers, pydantic and the standard library: the service never
 needs torch, transformers or the `training` package.
@@ -68,7 +68,10 @@ def load_bundle(
     _require_listed_files(root, manifest)
     providers = providers or _default_providers()
     on_cuda = CUDA in providers and CUDA in ort.get_available_providers()
-    for name, digest in manifest.tokenizer_files.items():
+    # Every file the manifest lists, not only the variant chosen now: a damaged variant is found at start,
+    # not on the day a restart on other hardware picks it.
+    listed = {**manifest.tokenizer_files, **{v.file: v.sha256 for v in manifest.variants.values() if v.kept}}
+    for name, digest in listed.items():
         _verify_sha256(root / name, digest)
     tokenizer = load_tokenizer(root / TOKENIZER_FILE)
     chosen = _choose_variant(manifest, variant, on_cuda)
@@ -85,9 +88,7 @@ def load_bundle(
 def _open_variant(
     root: Path, manifest: Manifest, variant: str, providers: list[str], intra_op_threads: int | None
 ) -> ort.InferenceSession:
-    model_file = manifest.variants[variant].file
-    _verify_sha256(root / model_file, manifest.variants[variant].sha256)
-    return create_session(root / model_file, providers, intra_op_threads)
+    return create_session(root / manifest.variants[variant].file, providers, intra_op_threads)
 
 
 def read_manifest(root: Path) -> Manifest:

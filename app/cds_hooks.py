@@ -11,7 +11,6 @@ prefetched nor in the context (this service does not query the client's FHIR ser
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
@@ -21,13 +20,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fhir.resources.R4B.reference import Reference
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
-from app.fhir_notes import FhirNote, notes_in, validate_resource
-from app.schemas import NON_BLANK, ErrorResponse
-from app.service import INTENDED_USE, Classification, Service, classify_texts
+from app.fhir_notes import FhirNote, notes_in, refers_to, validate_resource
+from app.schemas import ErrorResponse
+from app.service import INTENDED_USE, Classification, LogFields, Service, classify_texts
+from app.text import NoteText
 
 SERVICE_ID = "triage-note"
 HOOK = "patient-view"
@@ -75,27 +75,24 @@ class Context(BaseModel):
     userId: str | None = None
     patientId: str = Field(min_length=1, description="FHIR id of the patient whose chart is open.")
     encounterId: str | None = None
-    triageNoteText: str | None = Field(
+    triageNoteText: NoteText | None = Field(
         None,
-        min_length=1,
-        json_schema_extra={"pattern": NON_BLANK},
         description="This service's own field: the triage note as plain text, for callers that cannot prefetch. "
         "Used instead of the prefetched note when both are given.",
     )
 
-    @field_validator("triageNoteText")
-    @classmethod
-    def _not_blank(cls, text: str | None) -> str | None:
-        if text is not None and not re.search(NON_BLANK, text):
-            raise ValueError("the note text is blank")
-        return text
-
 
 class CdsRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fhirServer, fhirAuthorization, extension: accepted, unused
+    model_config = ConfigDict(extra="allow")  # fhirAuthorization, extension: accepted, unused
 
     hook: Literal["patient-view"]
     hookInstance: str = Field(min_length=1)
+    fhirServer: str | None = Field(
+        None,
+        pattern=r"^https?://\S+$",
+        description="Base URL of the EHR's FHIR server: a prefetched note's subject may be an absolute reference "
+        "on it (`{fhirServer}/Patient/{patientId}`).",
+    )
     context: Context
     prefetch: dict[str, Any] | None = Field(
         None,
@@ -163,16 +160,20 @@ async def discovery() -> Discovery:
 async def triage_note(
     body: Annotated[CdsRequest, Body()], request: Request, service: Annotated[Service, Depends(ready_service)]
 ) -> CdsResponse:
-    notes = notes_of(body)
+    notes = notes_of(body, log_fields(request))
     if not notes:
         return CdsResponse(cards=[])  # the patient has no triage note: nothing to say
     classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
     return CdsResponse(cards=[card(note, result, service) for note, result in zip(notes, classified, strict=True)])
 
 
-def notes_of(body: CdsRequest) -> list[FhirNote]:
+def notes_of(body: CdsRequest, fields: LogFields) -> list[FhirNote]:
     """The note in the context, else the prefetched notes; none when the prefetch is null (the client found
-    no triage note) or an empty search result."""
+    no triage note) or an empty search result.
+
+    A prefetched note is scored only when its subject provably is the context patient (`refers_to`): a note
+    whose subject is missing, given by identifier or display only, or on another server is refused (400), as
+    its card would be shown in this patient's chart."""
     if body.context.triageNoteText is not None:
         source = Reference(display=f"context.{CONTEXT_NOTE_KEY}")
         return [FhirNote(body.context.triageNoteText, source, subject=None, encounter=None)]
@@ -186,20 +187,18 @@ def notes_of(body: CdsRequest) -> list[FhirNote]:
     if prefetch[PREFETCH_KEY] is None:
         return []
     notes = notes_in(validate_resource(prefetch[PREFETCH_KEY], f"prefetch.{PREFETCH_KEY}"))
-    others = [position for position, note in enumerate(notes) if _about_another_patient(note, body.context.patientId)]
-    if others:
+    patient = f"Patient/{body.context.patientId}"
+    unproven = [
+        position for position, note in enumerate(notes) if not refers_to(note.subject, patient, body.fhirServer)
+    ]
+    if unproven:
+        fields.update(refused="subject-not-context-patient", refused_notes=len(unproven))
         raise HTTPException(
-            HTTPStatus.BAD_REQUEST, f"prefetched notes at positions {others} are not about context.patientId"
+            HTTPStatus.BAD_REQUEST,
+            f"prefetched notes at positions {unproven} are not provably about context.patientId: "
+            f"DocumentReference.subject must reference Patient/{{patientId}}, relative or on fhirServer",
         )
     return notes
-
-
-def _about_another_patient(note: FhirNote, patient_id: str) -> bool:
-    """Whether the note's subject names a patient other than `patient_id` (relative or absolute reference)."""
-    if note.subject is None or note.subject.reference is None:
-        return False
-    patient = f"Patient/{patient_id}"
-    return not (note.subject.reference == patient or note.subject.reference.endswith(f"/{patient}"))
 
 
 def card(note: FhirNote, result: Classification, service: Service) -> Card:

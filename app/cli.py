@@ -70,6 +70,7 @@ def serve(settings: Settings) -> None:
 
     try:
         from app.main import create_app
+        from app.server import server_options
     except ModuleNotFoundError as error:
         if error.name != "onnxruntime":
             raise
@@ -77,4 +78,4 @@ def serve(settings: Settings) -> None:
         raise typer.Exit(code=2) from None
 
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+    uvicorn.run(create_app(settings), **server_options(settings))

@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.bundle import Bundle, BundleEntry
@@ -25,7 +26,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPred
 
 from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
-from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource
+from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource, refers_to
 from app.middleware import json_error
 from app.service import Classification, Service, ServiceError, classify_texts
 
@@ -34,10 +35,18 @@ ACCEPTED_CONTENT_TYPES = (FHIR_JSON, "application/json")
 OUTCOME_SYSTEM = "urn:dsgkd-triage:outcome"
 MODEL_SYSTEM = "urn:dsgkd-triage:model"
 CLASSIFY_PATH = "/fhir/RiskAssessment/$classify"
+REFERENCE = r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9.-]{1,64}$"  # a relative literal reference, e.g. Patient/123
+SUBJECT_HELP = (
+    "Optional, e.g. `Patient/123`: the patient the caller is acting for. Every note's subject must then be that "
+    "relative reference (or it is refused with 422, business-rule), so that no other patient's note is scored."
+)
+ENCOUNTER_HELP = "Optional, e.g. `Encounter/456`: likewise, every note's encounter must be that reference."
 # OperationOutcome issue type of an HTTP error raised outside this module (auth, limits, the batcher, the body limit).
 ISSUE_CODES: dict[int, str] = {
     HTTPStatus.BAD_REQUEST: "structure",
     HTTPStatus.UNAUTHORIZED: "login",
+    HTTPStatus.REQUEST_TIMEOUT: "timeout",
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "not-supported",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "too-long",
     HTTPStatus.TOO_MANY_REQUESTS: "throttled",
     HTTPStatus.SERVICE_UNAVAILABLE: "transient",
@@ -59,6 +68,9 @@ class FhirRoute(APIRoute):
             except ServiceError as error:
                 issue_code = ISSUE_CODES.get(error.status, "exception")
                 status, message, headers = error.status, error.message, error.headers
+            except RequestValidationError as error:  # a query parameter (the body is parsed by the route itself)
+                issue_code, status, headers = "invalid", HTTPStatus.BAD_REQUEST, None
+                message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
             log_fields(request)["fhir_issue"] = issue_code
             return fhir_response(operation_outcome(issue_code, message), status, headers)
 
@@ -140,14 +152,12 @@ _EXAMPLE_NOTE = {
         },
     },
 )
-async def classify_fhir(request: Request, service: Annotated[Service, Depends(ready_service)]) -> Response:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type not in ACCEPTED_CONTENT_TYPES:
-        raise FhirInputError(
-            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-            "not-supported",
-            f"Content-Type must be {' or '.join(ACCEPTED_CONTENT_TYPES)}",
-        )
+async def classify_fhir(
+    request: Request,
+    service: Annotated[Service, Depends(ready_service)],
+    subject: Annotated[str | None, Query(pattern=REFERENCE, description=SUBJECT_HELP)] = None,
+    encounter: Annotated[str | None, Query(pattern=REFERENCE, description=ENCOUNTER_HELP)] = None,
+) -> Response:
     resource = parse_resource(await request.body())
     log_fields(request)["fhir_resource"] = resource.get_resource_type()
     notes = notes_in(resource)
@@ -160,6 +170,20 @@ async def classify_fhir(request: Request, service: Annotated[Service, Depends(re
             "required",
             f"notes at positions {missing_subject} have no subject: RiskAssessment.subject is "
             f"required and copied from DocumentReference.subject / Communication.subject",
+        )
+    unproven = [
+        position
+        for position, note in enumerate(notes)
+        if (subject is not None and not refers_to(note.subject, subject))
+        or (encounter is not None and not refers_to(note.encounter, encounter))
+    ]
+    if unproven:
+        log_fields(request).update(refused="subject-or-encounter-not-requested", refused_notes=len(unproven))
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "business-rule",
+            f"notes at positions {unproven} are not provably about the requested subject/encounter (their "
+            f"subject/encounter must be that relative reference)",
         )
     classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
     now = datetime.now(UTC)
@@ -206,12 +230,12 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
     )
 
 
-def body_error(path: str, status: int, message: str) -> Response:
-    """The request-body errors answered before routing (too large, not UTF-8): an OperationOutcome on the
-    FHIR endpoint, the service's own JSON error elsewhere."""
+def body_error(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """The errors answered before routing (token, body type, size, encoding, time, shape): an OperationOutcome
+    on the FHIR endpoint, the service's own JSON error elsewhere."""
     if path == CLASSIFY_PATH:
-        return fhir_response(operation_outcome(ISSUE_CODES.get(status, "exception"), message), status)
-    return json_error(path, status, message)
+        return fhir_response(operation_outcome(ISSUE_CODES.get(status, "exception"), message), status, headers)
+    return json_error(path, status, message, headers)
 
 
 def operation_outcome(issue_code: str, diagnostics: str) -> OperationOutcome:

@@ -10,6 +10,7 @@ the element at fault, never its content: a note's text must not come back in an 
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from fhir.resources.R4B.documentreference import DocumentReference
 from fhir.resources.R4B.reference import Reference
 from pydantic import ValidationError
 
-from app.schemas import NON_BLANK
+from app.text import BLANK, text_problem
 
 AcceptedResource = DocumentReference | Communication | Bundle
 NOTE_RESOURCES: dict[str, type[DocumentReference] | type[Communication]] = {
@@ -36,6 +37,9 @@ BUNDLE_TYPES = ("collection", "batch", "transaction", "searchset")
 NOT_SEARCH_MATCHES = ("include", "outcome")
 NOTE_MEDIA_TYPE = "text/plain"
 DEFAULT_CHARSET = "utf-8"
+# Text charsets a note may come in: Unicode, ASCII and Latin-1 family, and the Korean EMRs' EUC-KR / CP949.
+TEXT_CHARSETS = ("utf-8", "utf-16", "utf-16le", "utf-16be", "us-ascii", "iso-8859-1", "windows-1252", "euc-kr", "cp949")
+_ALLOWED_CODECS = frozenset(codecs.lookup(charset).name for charset in TEXT_CHARSETS)
 _RESOURCE_TYPE_NAME = re.compile(r"[A-Z][A-Za-z]{1,63}")
 
 
@@ -121,8 +125,10 @@ def _note_of(resource: DocumentReference | Communication, where: str, full_url: 
     else:
         text = _communication_text(resource, where)
         encounter = resource.encounter
-    if not re.search(NON_BLANK, text):
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", f"{where}: the note text is blank")
+    problem = text_problem(text)
+    if problem is not None:
+        issue_code = "required" if problem == BLANK else "invalid"
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, issue_code, f"{where}: the note text {problem}")
     return FhirNote(text, _reference_to(resource, where, full_url), resource.subject, encounter)
 
 
@@ -171,17 +177,29 @@ def attachment_text(attachment: Attachment, where: str) -> str:
             f"{where}: has no inline data (attachment.url is not fetched); send the note "
             f"base64-encoded in attachment.data",
         )
-    charset = _media_type(attachment)[1]
-    try:
-        return attachment.data.decode(charset)
-    except LookupError:
+    codec = text_codec(_media_type(attachment)[1])
+    if codec is None:
         raise FhirInputError(
-            HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported", f"{where}: unknown charset in contentType"
-        ) from None
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "not-supported",
+            f"{where}: the charset in contentType is not one of {', '.join(TEXT_CHARSETS)}",
+        )
+    try:
+        return attachment.data.decode(codec)
     except UnicodeDecodeError as error:
         raise FhirInputError(
-            HTTPStatus.UNPROCESSABLE_ENTITY, "invalid", f"{where}: data is not valid {charset} (byte {error.start})"
+            HTTPStatus.UNPROCESSABLE_ENTITY, "invalid", f"{where}: data is not valid {codec} (byte {error.start})"
         ) from None
+
+
+def text_codec(charset: str) -> str | None:
+    """Python's codec for an allowed text charset (by any of its names), or None: a charset off the list
+    (`undefined` raises on every byte, `utf-7` and `unicode_escape` decode to lone surrogates and escapes)."""
+    try:
+        codec = codecs.lookup(charset).name
+    except (LookupError, ValueError):  # ValueError: a name with a NUL character
+        return None
+    return codec if codec in _ALLOWED_CODECS else None
 
 
 def _media_type(attachment: Attachment) -> tuple[str | None, str]:
@@ -211,3 +229,20 @@ def _reference_to(resource: DocumentReference | Communication, where: str, full_
     if resource.identifier:
         return Reference(type=resource_type, identifier=resource.identifier[0])
     return Reference(type=resource_type, display=f"{where} of the request (no id or identifier)")
+
+
+_VERSION_SUFFIX = re.compile(r"/_history/[A-Za-z0-9.-]{1,64}$")
+
+
+def refers_to(reference: Reference | None, target: str, fhir_server: str | None = None) -> bool:
+    """Whether `reference` provably points at `target` (e.g. `Patient/123`): as the relative reference, maybe
+    versioned (`Patient/123/_history/2`), or as the absolute one on `fhir_server`. A reference by identifier or
+    display only, or to another server, proves nothing."""
+    if reference is None or reference.reference is None:
+        return False
+    if reference.type is not None and reference.type != target.split("/", 1)[0]:
+        return False
+    literal = reference.reference
+    if fhir_server is not None and literal.startswith(base := fhir_server.rstrip("/") + "/"):
+        literal = literal.removeprefix(base)
+    return _VERSION_SUFFIX.sub("", literal) == target

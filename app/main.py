@@ -11,14 +11,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 
 from app import cds_hooks, fhir
+from app.auth import protected_routes
 from app.batching import DynamicBatcher
 from app.bundle import load_bundle
 from app.dependencies import log_fields
 from app.inference import NoteClassifier
 from app.metrics import Metrics
-from app.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from app.middleware import AccessLogMiddleware, ApiKeyMiddleware, RequestBodyMiddleware
 from app.routes import router
 from app.service import Service, ServiceError
 from app.settings import Settings
@@ -29,7 +31,7 @@ WARM_UP_TEXT = "warm-up"
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(
+    app = FastAPIOffline(
         title="ED triage classifier",
         lifespan=_lifespan,
         description="Classifies emergency-department triage notes as emergency or non-emergency.",
@@ -40,13 +42,26 @@ def create_app(settings: Settings) -> FastAPI:
     routers = (router, fhir.router, cds_hooks.router)
     for included in routers:
         app.include_router(included)
+    routes = [route for included in routers for route in included.routes if isinstance(route, APIRoute)]
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(ServiceError)(_service_error)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, error_response=fhir.body_error)
+    # Added innermost first: the access log sees every request, the token is checked before the body is read.
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        error_response=fhir.body_error,
+    )
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_keys=settings.api_keys,
+        routes=protected_routes(routes),
+        error_response=fhir.body_error,
+    )
     app.add_middleware(
         AccessLogMiddleware,
         metrics=app.state.metrics,
-        route_paths={route.path for included in routers for route in included.routes if isinstance(route, APIRoute)},
+        route_paths={route.path for route in routes},
     )
     return app
 

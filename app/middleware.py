@@ -1,17 +1,25 @@
-"""ASGI middleware: request id, access log and metrics; request body size and encoding checks."""
+"""ASGI middleware: request id, access log and metrics; bearer-token check before the body is read; request
+body checks (type, encoding, size, time, JSON shape)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Collection
+import zlib
+from collections.abc import Callable, Collection, Mapping
 
+import numpy as np
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.auth import UNAUTHORIZED, bearer_token, valid_api_key
 from app.metrics import Metrics
 
 logger = logging.getLogger("app.access")
@@ -20,6 +28,12 @@ REQUEST_ID_HEADER = "x-request-id"
 # A caller's request id is kept only if it is short and plain, so that it is safe to log and echo.
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
+# Where the HTTP server (app.server) records a status it sent itself, e.g. 400 for a malformed chunked body.
+SERVER_STATUS = "server_status"
+BODY_METHODS = ("POST", "PUT", "PATCH")
+JSON_MEDIA_TYPES = ("application/json", "application/fhir+json")
+MAX_JSON_DEPTH = 64  # FHIR resources here nest about 8 deep
+MAX_NUMBER_DIGITS = 64
 
 
 class AccessLogMiddleware:
@@ -67,7 +81,7 @@ class AccessLogMiddleware:
             if status is None:
                 await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send_with_id)
             status = 500
-        status = status or CLIENT_CLOSED_REQUEST
+        status = status or state.get(SERVER_STATUS, CLIENT_CLOSED_REQUEST)
         seconds = time.perf_counter() - started
         route = scope["path"] if scope["path"] in self.route_paths else "other"
         self.metrics.observe_request(route, status, seconds)
@@ -95,59 +109,159 @@ class AccessLogMiddleware:
         return uuid.uuid4().hex
 
 
-# (request path, HTTP status, message) -> the error response in the protocol of that path
-ErrorResponse = Callable[[str, int, str], Response]
+# (request path, HTTP status, message, headers) -> the error response in the protocol of that path
+ErrorResponse = Callable[[str, int, str, Mapping[str, str] | None], Response]
 
 
-def json_error(path: str, status: int, message: str) -> Response:
-    return JSONResponse({"detail": message}, status_code=status)
+def json_error(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-class BodyLimitMiddleware:
-    """Reads the whole request body before the app does: 413 past `max_body_bytes` (checked while
-    reading, with or without Content-Length), 400 when it is not UTF-8 (JSON must be). `error_response`
-    words those answers for the path asked (an OperationOutcome for the FHIR endpoint).
+class ApiKeyMiddleware:
+    """401 for a protected route (one that depends on `require_api_key`) without a valid bearer token, before
+    the request body is read or parsed: an unauthenticated caller learns nothing about what the body should
+    be. The route's dependency checks the same token again, so a route is never open by a slip here."""
 
-    Not FastAPI's own `max_body_size`: that is recent (FastAPI 0.16x), answers some 413s in plain
-    text, and leaves the encoding to a generic "error parsing the body".
+    def __init__(
+        self, app: ASGIApp, api_keys: list[str], routes: list[APIRoute], error_response: ErrorResponse = json_error
+    ) -> None:
+        self.app = app
+        self.api_keys = api_keys
+        self.routes = routes
+        self.error_response = error_response
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and self.api_keys
+            and any(route.matches(scope)[0] is not Match.NONE for route in self.routes)
+            and not valid_api_key(bearer_token(Headers(scope=scope).get("authorization")), self.api_keys)
+        ):
+            refused = self.error_response(scope["path"], 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
+            await refused(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class RequestBodyMiddleware:
+    """Reads the whole request body before the app does, and refuses, worded by `error_response` for the path
+    asked (an OperationOutcome for the FHIR endpoint):
+
+    - 415: a POST/PUT/PATCH whose Content-Type is not JSON, or a Content-Encoding other than gzip/identity;
+    - 408: a body not received within `body_timeout_s` (a slow client, or a Content-Length larger than the body);
+    - 413: a body over `max_body_bytes`, as sent or once gunzipped (checked while reading and decompressing);
+    - 400: a body that is not UTF-8, not valid gzip, nested deeper than MAX_JSON_DEPTH or holding a number of
+      more than MAX_NUMBER_DIGITS digits (what would make the JSON parser recurse or convert without end).
+
+    A gzip body is passed on decompressed, without its Content-Encoding.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, error_response: ErrorResponse = json_error) -> None:
+    def __init__(
+        self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, error_response: ErrorResponse = json_error
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = self.error_response(scope["path"], 413, f"request body exceeds {self.max_body_bytes} bytes")
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await too_large(scope, receive, send)
+        try:
+            body = await self._checked_body(scope, receive)
+        except _Refused as refused:
+            headers = {"Connection": "close"} if refused.status == 408 else None
+            await self.error_response(scope["path"], refused.status, refused.message, headers)(scope, receive, send)
             return
+        if body is None:  # the client left
+            return
+        if Headers(scope=scope).get("content-encoding") is not None:
+            kept = [
+                (name, value)
+                for name, value in scope["headers"]
+                if name not in (b"content-encoding", b"content-length")
+            ]
+            scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode())]}
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _checked_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        headers = Headers(scope=scope)
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if scope["method"] in BODY_METHODS and media_type not in JSON_MEDIA_TYPES:
+            raise _Refused(415, f"Content-Type must be {' or '.join(JSON_MEDIA_TYPES)}")
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip"):
+            raise _Refused(415, "Content-Encoding must be gzip or identity")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _Refused(413, f"request body exceeds {self.max_body_bytes} bytes")
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            raise _Refused(408, f"request body not received within {self.body_timeout_s:g} s") from None
+        if body is None:
+            return None
+        if encoding == "gzip":
+            body = self._gunzip(body)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise _Refused(400, f"request body is not valid UTF-8 (byte {error.start})") from None
+        problem = json_shape_problem(body)
+        if problem is not None:
+            raise _Refused(400, f"request body refused: {problem}")
+        return body
+
+    async def _read(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body_bytes:
-                await too_large(scope, receive, send)
-                return
+                raise _Refused(413, f"request body exceeds {self.max_body_bytes} bytes")
             if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+                return b"".join(chunks)
+
+    def _gunzip(self, body: bytes) -> bytes:
+        decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as error:
-            await self.error_response(scope["path"], 400, f"request body is not valid UTF-8 (byte {error.start})")(
-                scope, receive, send
-            )
-            return
-        await self.app(scope, _replay(body, receive), send)
+            data = decompressor.decompress(body, self.max_body_bytes + 1)
+        except zlib.error:
+            raise _Refused(400, "request body is not valid gzip (Content-Encoding: gzip)") from None
+        if len(data) > self.max_body_bytes:
+            raise _Refused(413, f"request body exceeds {self.max_body_bytes} bytes once decompressed")
+        if not decompressor.eof or decompressor.unused_data:
+            raise _Refused(400, "request body is not one complete gzip stream (Content-Encoding: gzip)")
+        return data
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_LONG_NUMBER = re.compile(rb"[0-9]{%d,}" % (MAX_NUMBER_DIGITS + 1))
+_OPENERS, _CLOSERS = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def json_shape_problem(body: bytes) -> str | None:
+    """What in `body` would make the JSON parser recurse too deep or build a huge integer, or None. Strings are
+    blanked out first, so that brackets and digits inside them do not count."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    if _LONG_NUMBER.search(skeleton.tobytes()):
+        return f"a number has more than {MAX_NUMBER_DIGITS} digits"
+    steps = np.isin(skeleton, _OPENERS).astype(np.int32) - np.isin(skeleton, _CLOSERS)
+    if steps.size and int(np.cumsum(steps).max()) > MAX_JSON_DEPTH:
+        return f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+    return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

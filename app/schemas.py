@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-# A character that is not whitespace by Python's, JSON Schema's (ECMA-262) and Rust's regex rules alike:
-# their \s sets differ by these extra characters, so the published schema and the check below agree.
-NON_BLANK = r"[^\s\x1c-\x1f\x85\ufeff]"
+from app.text import NoteText
+
 EXAMPLE_NOTE = "3세 남아 보호자 동반 내원. CC: seizure. BT 38.9, HR 150"
 
 
@@ -22,18 +20,7 @@ class Note(BaseModel):
         max_length=128,
         description="Caller's id for the note, echoed back (default: its position, from 0).",
     )
-    text: str = Field(
-        min_length=1,
-        json_schema_extra={"pattern": NON_BLANK},
-        description="The triage note; must hold a non-whitespace character.",
-    )
-
-    @field_validator("text")
-    @classmethod
-    def _not_blank(cls, text: str) -> str:
-        if not re.search(NON_BLANK, text):
-            raise ValueError("note text is blank")
-        return text
+    text: NoteText = Field(description="The triage note; must hold a visible character.")
 
 
 class NotesRequest(BaseModel):

@@ -53,7 +53,23 @@ class Settings(BaseSettings):
         description="Bearer tokens accepted by /classify, /v1/model and /metrics; none set = no auth. "
         "Environment: comma-separated.",
     )
-    max_body_bytes: int = Field(1_048_576, gt=0, description="Largest request body in bytes (413 beyond).")
+    max_body_bytes: int = Field(
+        1_048_576, gt=0, description="Largest request body in bytes, after gzip decompression too (413 beyond)."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection whose request headers are not complete this long after they began "
+        "is answered 408 and closed (slow clients).",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request whose body has not arrived this long after its headers gets 408."
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_header_bytes: int = Field(
+        16_384, ge=1024, description="Largest request head (request line and all headers) in bytes (431 beyond)."
+    )
+    max_headers: int = Field(100, gt=0, description="Most header fields in one request (431 beyond).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     model_name: str | None = Field(None, description="Model name reported in responses (default: the bundle's).")
 
