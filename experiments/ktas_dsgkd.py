@@ -173,7 +173,7 @@ def figures(runs: list[dict], configs: list[Config], nurse: dict, docs: Path) ->
     for kind in ("roc", "reliability"):
         figure = Figure(figsize=(6 * len(students), 5.2))
         axes = figure.subplots(1, len(students), squeeze=False)
-        for ax, student in zip(axes[0], students):
+        for ax, student in zip(axes[0], students, strict=True):
             for config in (c for c in configs if c.group == "main" and c.student == student):
                 frames = [r["predictions"] for r in runs if r["config"] == config.name]
                 labels = np.concatenate([f["label"] for f in frames])

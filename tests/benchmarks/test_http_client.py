@@ -115,5 +115,5 @@ def test_no_answer_times_out() -> None:
     ],
 )
 def test_only_plain_http_to_127_0_0_1_with_a_port(url: str) -> None:
-    with pytest.raises(ValueError, match="127.0.0.1"):
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1"):
         HttpClient(url, max_connections=1, timeout_s=1)
