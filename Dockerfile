@@ -37,9 +37,13 @@ RUN if [ "$RUNTIME" = gpu ]; then \
     fi \
  && groupadd --gid 10001 triage \
  && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin triage
+# ORT_DISABLE_TELEMETRY: ONNX Runtime (1.29 and later) on Linux otherwise starts its telemetry uploader and, with
+# no writable home, logs "Failed to persist telemetry device ID" at every start; set before ONNX Runtime loads,
+# it creates no uploader, device ID or upload.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     TRIAGE_HOST=0.0.0.0 \
     TRIAGE_PORT=8000 \
     TRIAGE_BUNDLE=/models/default
@@ -55,6 +59,7 @@ ARG TORCH_VERSION=2.13.0+cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     TRIAGE_MODELS_DIR=/models
 WORKDIR /src
 COPY requirements/trainer-cpu.txt requirements/

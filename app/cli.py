@@ -16,6 +16,8 @@ from pydantic_core import PydanticUndefined
 
 from app.settings import Settings
 
+EXIT_NO_BUNDLE = 3  # `serve` found no bundle at TRIAGE_BUNDLE
+
 cli = typer.Typer(
     help="Serve a triage model bundle over HTTP.", no_args_is_help=True, pretty_exceptions_show_locals=False
 )
@@ -76,6 +78,17 @@ def serve(settings: Settings) -> None:
             raise
         typer.secho(f"error: {error.msg}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2) from None
+    from app.bundle import MANIFEST_FILE
+
+    if not (settings.bundle / MANIFEST_FILE).is_file():
+        # One line and its own exit code, not a traceback per restart: the usual first-run mistake.
+        typer.secho(
+            f"error: no model bundle at {settings.bundle} (no {MANIFEST_FILE}): build it with `docker compose up` "
+            "(runs the model service) or `make model`, or set TRIAGE_BUNDLE (--bundle) to a bundle directory",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(code=EXIT_NO_BUNDLE)
 
     configure_logging(settings.log_level)
     uvicorn.run(create_app(settings), **server_options(settings))

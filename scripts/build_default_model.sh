@@ -4,22 +4,26 @@
 # METHOD, the domain teacher minilm-l6 MLM-pretrained on ICD-10-CM. METHOD defaults to the method that
 # did best in docs/results/ktas_dsgkd.md. Seeded: the same machine builds the same bundle.
 #
-# Each stage is kept once finished (teacher under models/pretrained/, run under BUILD, default
-# models/.build/NAME), so a stopped build resumes at the stage it was in; the bundle is written next
-# to OUT and moved into place once complete, so the service never sees a half-written one.
+# Each stage is kept once finished (encoders and teacher under $TRIAGE_MODELS_DIR/pretrained/, default
+# models/pretrained/; the run under BUILD, default models/.build/NAME; `docker compose` puts both in its
+# `model-work` volume, so that ./models holds only the bundle), so a stopped build resumes at the stage it
+# was in; the bundle is written next to OUT and moved into place once complete, so the service never sees
+# a half-written one.
 set -euo pipefail
 
 out="${1:-${TRIAGE_BUNDLE:-models/default}}"
 method="${METHOD:-base}"
-name="$(basename "$out")"
-build="${BUILD:-$(dirname "$out")/.build/$name}"
-teacher="${TEACHER:-$(python -c 'from training.pretrained import models_dir; print(models_dir())')/pretrained/minilm-l6-icd10cm}"
 
+# First, before anything slow: a present bundle is kept whatever METHOD says (remove it to rebuild).
 if [ -f "$out/manifest.json" ]; then
-    echo "a bundle is already at $out; nothing to build"
+    echo "a bundle is already at $out; nothing to build (METHOD=$method not used; remove $out to rebuild)"
     exit 0
 fi
 start=$(date +%s)
+name="$(basename "$out")"
+build="${BUILD:-$(dirname "$out")/.build/$name}"
+teacher="${TEACHER:-$(python -c 'from training.pretrained import models_dir; print(models_dir())')/pretrained/minilm-l6-icd10cm}"
+echo "building the default bundle at $out: METHOD=$method, intermediates under $build"
 
 python -m training prepare-models e5-small minilm-l6
 

@@ -60,3 +60,19 @@ def test_serve_without_onnx_runtime_names_the_extra_to_install(tiny_bundle_dir):
     assert result.returncode == 2
     assert "ONNX Runtime is not installed" in result.stderr and "dsgkd-triage[cpu]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serve_without_a_bundle_exits_once_with_one_actionable_line(tmp_path):
+    """A container started before its bundle was built: one line saying how to build it, exit 3, no traceback."""
+    missing = tmp_path / "default"
+    code = f"from app.cli import cli; cli(['serve', '--bundle', {str(missing)!r}])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"no model bundle at {missing}" in lines[0]
+    assert "docker compose up" in lines[0] and "make model" in lines[0] and "TRIAGE_BUNDLE" in lines[0]
+    missing.mkdir()  # a directory without a manifest.json is no bundle either
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1
