@@ -26,7 +26,7 @@ from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
 from app.fhir_notes import FhirNote, notes_in, refers_to, validate_resource
 from app.schemas import ErrorResponse
-from app.service import INTENDED_USE, Classification, LogFields, Service, classify_texts
+from app.service import INTENDED_USE, Classification, LogFields, Service, classify_texts, describe_cut
 from app.text import NoteText
 
 SERVICE_ID = "triage-note"
@@ -220,7 +220,7 @@ def card(note: FhirNote, result: Classification, service: Service) -> Card:
     if note.source.reference is not None:
         lines.append(f"**Note:** {note.source.reference}")
     if result.truncated:
-        lines.append(f"**Truncated:** only the note's first {service.classifier.max_note_tokens} tokens were read.")
+        lines.append(f"**Truncated:** the note was longer than the model reads; {describe_cut(service)} were read.")
     lines.append(f"*Decision support for triage staff, not a diagnosis.* {INTENDED_USE}")
     return Card(
         summary=summary,

@@ -28,7 +28,7 @@ from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
 from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource, refers_to
 from app.middleware import json_error
-from app.service import Classification, Service, ServiceError, classify_texts
+from app.service import Classification, Service, ServiceError, classify_texts, describe_cut
 
 FHIR_JSON = "application/fhir+json"
 ACCEPTED_CONTENT_TYPES = (FHIR_JSON, "application/json")
@@ -206,7 +206,7 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
         f"{manifest.decision.policy}); here {result.probability:.4f} {comparison} {result.threshold:.4f}."
     )
     if result.truncated:
-        note_text += f" The note was cut to its first {service.classifier.max_note_tokens} tokens."
+        note_text += f" The note was longer than the model reads; {describe_cut(service)} were read."
     return RiskAssessment(
         status="final",
         subject=note.subject,

@@ -18,7 +18,7 @@ from app.auth import protected_routes
 from app.batching import DynamicBatcher
 from app.bundle import load_bundle
 from app.dependencies import log_fields
-from app.inference import NoteClassifier
+from app.inference import NoteClassifier, Truncation
 from app.metrics import Metrics
 from app.middleware import AccessLogMiddleware, ApiKeyMiddleware, RequestBodyMiddleware
 from app.routes import router
@@ -72,7 +72,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     started = time.perf_counter()
     bundle = load_bundle(settings.bundle, settings.variant, settings.intra_op_threads)
-    classifier = NoteClassifier.from_bundle(bundle, settings.max_note_tokens)
+    cut: Truncation = "head" if settings.truncation == "head" else "head-tail"  # refused notes are never run
+    classifier = NoteClassifier.from_bundle(bundle, settings.max_note_tokens, cut)
     classifier.predict([note.ids for note in classifier.encode([WARM_UP_TEXT])])
     async with DynamicBatcher(
         classifier.predict,
@@ -83,7 +84,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         on_batch=metrics.observe_batch,
     ) as batcher:
         metrics.track_queue_depth(lambda: batcher.queue_depth)
-        app.state.service = Service(settings, bundle, classifier, batcher)
+        app.state.service = Service(settings, bundle, classifier, batcher, metrics)
         logger.info(
             "model ready",
             extra={

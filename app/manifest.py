@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,17 @@ class Decision(Strict):
     threshold: float = Field(ge=0, le=1, description="P(emergency) at or above which a note is labelled emergency.")
     policy: str = Field(description="How the threshold was chosen: prevalence, fixed-0.5 or target-sensitivity.")
     target_sensitivity: float | None = Field(None, description="Validation sensitivity aimed at (target-sensitivity).")
+
+
+class Calibration(Strict):
+    """P(emergency) = sigmoid(scale * (logit[emergency] - logit[non-emergency]) + bias). scale 1, bias 0 is the
+    model's own softmax; temperature scaling T is scale 1/T, bias 0; Platt scaling fits both."""
+
+    method: Literal["none", "temperature", "platt"] = "none"
+    scale: float = Field(1.0, gt=0)
+    bias: float = 0.0
+    fitted_on: str | None = Field(None, description="The labelled notes it was fitted on, e.g. the validation split.")
+    notes: int | None = Field(None, description="How many notes it was fitted on.")
 
 
 class Variant(Strict):
@@ -62,7 +73,13 @@ class Manifest(Strict):
     encoders: Encoders
     labels: tuple[str, str] = LABELS
     decision: Decision
-    max_input_tokens: int = Field(gt=0)
+    calibration: Calibration = Field(
+        default_factory=Calibration, description="Applied to the logits before the threshold (none: plain softmax)."
+    )
+    max_input_tokens: int = Field(gt=0, description="Most tokens of a note the model reads (its position limit).")
+    trained_max_tokens: int | None = Field(
+        None, description="Tokens per note at training (longer training notes were cut to their head)."
+    )
     preprocessing: list[str] = Field(description="What is done to a note's text before tokenization.")
     test_metrics: dict[str, Any] = Field(
         description="Test-set metrics with 95% bootstrap CIs, as written by the evaluation."

@@ -27,6 +27,11 @@ class Metrics:
             registry=self.registry,
         )
         self.notes = Counter("triage_notes_classified", "Notes classified.", registry=self.registry)
+        self.notes_truncated = Counter(
+            "triage_notes_truncated",
+            "Notes longer than max_note_tokens, classified after truncation.",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "triage_batch_size", "Notes per model run.", buckets=BATCH_SIZE_BUCKETS, registry=self.registry
         )

@@ -71,7 +71,8 @@ async def model_info(service: Annotated[Service, Depends(ready_service)]) -> Mod
         threshold=manifest.decision.threshold,
         threshold_policy=manifest.decision.policy,
         max_note_tokens=service.classifier.max_note_tokens,
-        truncate=service.settings.truncate,
+        truncation=service.settings.truncation,
+        calibration=manifest.calibration.model_dump(mode="json"),
         test_metrics=manifest.test_metrics,
         manifest=manifest.model_dump(mode="json"),
     )

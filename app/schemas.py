@@ -75,7 +75,9 @@ class NoteResult(BaseModel):
     label: Literal["emergency", "non-emergency"]
     probability: float = Field(ge=0, le=1, description="Probability of emergency.")
     threshold: float = Field(ge=0, le=1, description="Probability at or above which the label is emergency.")
-    truncated: bool = Field(description="Whether the note was cut to max_note_tokens before classification.")
+    truncated: bool = Field(
+        description="Whether the note was longer than max_note_tokens and cut (keeping its head and tail, by default)."
+    )
 
 
 class ModelRef(BaseModel):
@@ -114,6 +116,7 @@ class ModelInfo(BaseModel):
     threshold: float
     threshold_policy: str = Field(description="How the threshold was chosen.")
     max_note_tokens: int
-    truncate: bool
+    truncation: str = Field(description="What happens to a note over max_note_tokens: head-tail, head or refuse.")
+    calibration: dict[str, Any] = Field(description="How P(emergency) is calibrated from the logits.")
     test_metrics: dict[str, Any] = Field(description="Test-set metrics with 95% bootstrap CIs.")
     manifest: dict[str, Any] = Field(description="The bundle's full manifest.")

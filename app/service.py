@@ -15,6 +15,7 @@ from typing import Literal
 from app.batching import DynamicBatcher, InferenceFailed, QueueFull, ShuttingDown
 from app.bundle import Bundle
 from app.inference import NoteClassifier
+from app.metrics import Metrics
 from app.schemas import ModelRef
 from app.settings import Settings
 
@@ -52,6 +53,7 @@ class Service:
     bundle: Bundle
     classifier: NoteClassifier
     batcher: DynamicBatcher
+    metrics: Metrics
 
     @property
     def model(self) -> ModelRef:
@@ -65,7 +67,7 @@ class Classification:
     label: Literal["emergency", "non-emergency"]
     probability: float  # P(emergency)
     threshold: float  # P(emergency) at or above which the label is emergency
-    truncated: bool  # whether the note was cut to max_note_tokens
+    truncated: bool  # whether the note was cut to max_note_tokens (settings.truncation says how)
 
 
 async def classify_texts(service: Service, texts: list[str], log_fields: LogFields) -> list[Classification]:
@@ -89,7 +91,7 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
     encoded = await asyncio.to_thread(service.classifier.encode, texts)
     truncated = [position for position, note in enumerate(encoded) if note.truncated]
     log_fields.update(tokens_total=sum(len(note.ids) for note in encoded), truncated=len(truncated))
-    if truncated and not settings.truncate:
+    if truncated and settings.truncation == "refuse":
         raise ServiceError(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             f"notes at positions {truncated} exceed {service.classifier.max_note_tokens} tokens",
@@ -110,6 +112,7 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
     except InferenceFailed:
         raise ServiceError(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed on this request") from None
 
+    service.metrics.notes_truncated.inc(len(truncated))
     threshold = service.bundle.manifest.decision.threshold
     return [
         Classification(
@@ -117,3 +120,11 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
         )
         for note, probability in zip(encoded, probabilities, strict=True)
     ]
+
+
+def describe_cut(service: Service) -> str:
+    """Which tokens of a truncated note the model read, for clinicians reading the answer."""
+    classifier = service.classifier
+    if classifier.truncation == "head":
+        return f"its first {classifier.max_note_tokens} tokens"
+    return f"its first and last tokens, {classifier.max_note_tokens} in all"

@@ -36,13 +36,15 @@ class Settings(BaseSettings):
     )
     max_notes_per_request: int = Field(64, gt=0, description="Most notes in one request (413 beyond).")
     max_note_chars: int = Field(
-        20_000, gt=0, description="Most characters in one note (413 beyond, even with truncate)."
+        20_000, gt=0, description="Most characters in one note (413 beyond, whatever the truncation)."
     )
     max_note_tokens: int | None = Field(
         None, gt=0, description="Most tokens in one note (default: the bundle's max_input_tokens)."
     )
-    truncate: bool = Field(
-        False, description="Truncate notes over max_note_tokens (and say so per note) instead of answering 413."
+    truncation: Literal["head-tail", "head", "refuse"] = Field(
+        "head-tail",
+        description="A note over max_note_tokens: head-tail keeps its first quarter and its last three quarters of "
+        "the tokens, head keeps its start (either way the answer says truncated: true); refuse answers 413.",
     )
     intra_op_threads: int | None = Field(
         None, gt=0, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."

@@ -24,21 +24,21 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score
 from tokenizers import Tokenizer
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from app.bundle import CPU, MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, sha256_file
-from app.inference import NoteClassifier
-from app.manifest import Decision, Encoders, Manifest, Variant
+from app.inference import NoteClassifier, calibrated_probability
+from app.manifest import Calibration, Decision, Encoders, Manifest, Variant
 from training.config import SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_parts
 from training.model_card import write_model_card
-from training.modeling import load_student
+from training.modeling import load_student, position_limit
 from training.modeling import load_tokenizer as load_hf_tokenizer
 from training.onnx_variants import ExportError, convert_fp16, export_fp32, quantize_int8
-from training.predict import predict_proba as torch_predict_proba
 from training.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class Source:
     parts: dict[str, Examples]
     report: dict
     decision: Decision
+    calibration: Calibration
 
     @property
     def max_tokens(self) -> int:
@@ -115,8 +116,10 @@ def _load_source(run_dir: Path, metric: SelectMetric) -> Source:
     checkpoint = run.checkpoint(metric)
     report = run.test_report(checkpoint)  # eval/metrics.json, which must describe the exported checkpoint
     decision = _decision(run.decision(checkpoint))
+    # Fitted on the validation split by the evaluation; a run evaluated before calibration existed has none.
+    calibration = Calibration.model_validate(report.get("calibration", {}))
     parts = load_parts(run.data_arguments())
-    return Source(run_dir, config, checkpoint, parts, report, decision)
+    return Source(run_dir, config, checkpoint, parts, report, decision, calibration)
 
 
 @dataclass(frozen=True)
@@ -134,15 +137,16 @@ def _build(
 ) -> Manifest:
     held_out = [*source.parts["valid"].texts, *source.parts["test"].texts]
     model, hf_tokenizer = load_student(str(source.checkpoint)), load_hf_tokenizer(str(source.checkpoint))
-    torch_probs, _ = torch_predict_proba(model, hf_tokenizer, held_out, PARITY_BATCH_SIZE, source.max_tokens)
-    reference = Reference(held_out, torch_probs, source.parts["valid"].labels, source.decision.threshold)
-    log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity", reference.torch_valid_auroc, len(held_out))
-
-    tokenizer_files = _write_tokenizer(hf_tokenizer, source.checkpoint, staging, source.max_tokens)
+    # The bundle reads notes up to the model's position limit, whatever length it was trained at.
+    limit = position_limit(model, hf_tokenizer)
+    tokenizer_files = _write_tokenizer(hf_tokenizer, source.checkpoint, staging)
     tokenizer = load_tokenizer(staging / TOKENIZER_FILE)
     fp32_file = staging / MODEL_FILES["fp32"]
     export_method = export_fp32(source.checkpoint, fp32_file)
-    fp32_classifier = NoteClassifier(create_session(fp32_file, [CPU]), tokenizer, source.max_tokens)
+    fp32_classifier = NoteClassifier(create_session(fp32_file, [CPU]), tokenizer, limit, source.calibration)
+    torch_probs = calibrated_probability(torch_margins(model, fp32_classifier, held_out), source.calibration)
+    reference = Reference(held_out, torch_probs, source.parts["valid"].labels, source.decision.threshold)
+    log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity", reference.torch_valid_auroc, len(held_out))
     quantize_int8(
         fp32_file,
         staging / MODEL_FILES["int8"],
@@ -155,9 +159,7 @@ def _build(
     # fp32 is held to parity with PyTorch instead.
     unlimited = Limits(math.inf, math.inf, math.inf)
     variants = {
-        variant: _measure(
-            staging / file_name, tokenizer, source.max_tokens, reference, unlimited if variant == "fp32" else limits
-        )
+        variant: _measure(staging / file_name, fp32_classifier, reference, unlimited if variant == "fp32" else limits)
         for variant, file_name in MODEL_FILES.items()
     }
     fp32 = variants["fp32"]
@@ -181,8 +183,10 @@ def _build(
             student=config["model"]["student"], teacher=config["model"]["teacher"], method=config["training"]["method"]
         ),
         decision=source.decision,
-        max_input_tokens=source.max_tokens,
-        preprocessing=_preprocessing(tokenizer, source.max_tokens),
+        calibration=source.calibration,
+        max_input_tokens=limit,
+        trained_max_tokens=source.max_tokens,
+        preprocessing=_preprocessing(tokenizer, limit),
         test_metrics=_test_metrics(source.report, source.decision.policy),
         variants=variants,
         tokenizer_files=tokenizer_files,
@@ -208,12 +212,25 @@ class Reference:
         return float(roc_auc_score(self.valid_labels, self.torch_probs[: len(self.valid_labels)]))
 
 
-def _measure(model_file: Path, tokenizer: Tokenizer, max_tokens: int, reference: Reference, limits: Limits) -> Variant:
-    """Parity figures of one ONNX file against PyTorch, scored by the service's own `NoteClassifier`; kept when
-    it meets `limits`."""
+def torch_margins(model: PreTrainedModel, classifier: NoteClassifier, texts: list[str]) -> np.ndarray:
+    """PyTorch's logit margins (emergency - non-emergency) on exactly the token ids `classifier` (the service's
+    path) makes of `texts`, so that parity compares the models and nothing else."""
+    encoded = classifier.encode(texts)
+    margins = np.zeros(len(texts), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(texts), PARITY_BATCH_SIZE):
+            batch = classifier.model_inputs([note.ids for note in encoded[start : start + PARITY_BATCH_SIZE]])
+            logits = model.eval()(**{name: torch.from_numpy(array) for name, array in batch.items()}).logits
+            margins[start : start + PARITY_BATCH_SIZE] = (logits[:, 1] - logits[:, 0]).float().numpy()
+    return margins
+
+
+def _measure(model_file: Path, fp32_classifier: NoteClassifier, reference: Reference, limits: Limits) -> Variant:
+    """Parity figures of one ONNX file against PyTorch, scored by the service's own `NoteClassifier` (with the
+    fp32 classifier's tokenizer, limit and calibration); kept when it meets `limits`."""
     figures = {"file": model_file.name, "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size}
     try:
-        classifier = NoteClassifier(create_session(model_file, [CPU]), tokenizer, max_tokens)
+        classifier = fp32_classifier.with_session(create_session(model_file, [CPU]))
     except BundleError as error:  # e.g. an fp16 kernel the CPU provider lacks: recorded, and the variant dropped
         log.warning("%s", error)
         return Variant(
@@ -261,16 +278,14 @@ def _measure(model_file: Path, tokenizer: Tokenizer, max_tokens: int, reference:
     return variant
 
 
-def _write_tokenizer(
-    hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, out_dir: Path, max_tokens: int
-) -> dict[str, str]:
-    """tokenizer.json with the run's truncation and the tokenizer's padding built in, so that the `tokenizers`
-    library alone encodes exactly as the PyTorch evaluation did; the other files are copied for reference.
-    Returns the sha256 of each file written."""
+def _write_tokenizer(hf_tokenizer: PreTrainedTokenizerFast, checkpoint: Path, out_dir: Path) -> dict[str, str]:
+    """tokenizer.json with the tokenizer's padding built in (a note is cut to the model's limit by
+    `app.inference`, which keeps its head and tail); the other files are copied for reference. Returns the
+    sha256 of each file written."""
     if hf_tokenizer.pad_token is None:
         raise ExportError(f"{checkpoint}: the tokenizer has no pad token, so batches cannot be padded")
     backend = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
-    backend.enable_truncation(max_tokens, direction=hf_tokenizer.truncation_side)
+    backend.no_truncation()
     backend.enable_padding(
         direction=hf_tokenizer.padding_side,
         pad_id=hf_tokenizer.pad_token_id,
@@ -309,11 +324,13 @@ def _preprocessing(tokenizer: Tokenizer, max_tokens: int) -> list[str]:
     return [
         "Pass the note text to tokenizer.json unchanged: no cleaning, lowercasing or other rewriting beyond "
         f"the tokenizer's own normalizer ({_describe_normalizer(json.loads(tokenizer.to_str())['normalizer'])}).",
-        f"Truncate to {max_tokens} tokens, special tokens included (tokenizer.json has this built in); "
-        "the end of a longer note is not seen.",
+        f"A note of more than {max_tokens} tokens (special tokens included) is cut to {max_tokens}: its first "
+        f"quarter and its last three quarters of that budget are kept (app.inference.HEAD_SHARE), so that both the "
+        "complaint at its head and the latest findings at its tail are read.",
         "Pad each batch to its longest note; feed input_ids and attention_mask (and token_type_ids when the "
         "graph has that input) as int64.",
-        "P(emergency) = softmax(logits)[:, 1]; the label is emergency when P(emergency) >= decision.threshold.",
+        "P(emergency) = sigmoid(calibration.scale * (logits[:, 1] - logits[:, 0]) + calibration.bias) (with no "
+        "calibration, softmax(logits)[:, 1]); the label is emergency when P(emergency) >= decision.threshold.",
     ]
 
 

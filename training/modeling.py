@@ -30,6 +30,15 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def position_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> int:
+    """The most tokens per note the model can read: its position embeddings (less the offset RoBERTa-style
+    models start their positions at), or the tokenizer's own limit when lower."""
+    config = model.config
+    pad = config.pad_token_id
+    offset = pad + 1 if pad is not None and config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+    return int(min(config.max_position_embeddings - offset, tokenizer.model_max_length))
+
+
 def load_student(name_or_path: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
     """Load an encoder with a 2-label head; `attn_implementation='eager'` when attention maps are needed."""
     return AutoModelForSequenceClassification.from_pretrained(

@@ -32,7 +32,8 @@ def test_serve_builds_settings_from_flags_over_environment(monkeypatch, tiny_bun
             "k1",
             "--api-keys",
             "k2",
-            "--truncate",
+            "--truncation",
+            "head",
         ],
         env={"TRIAGE_PORT": "9000", "TRIAGE_MAX_BATCH_SIZE": "4"},
     )
@@ -40,7 +41,7 @@ def test_serve_builds_settings_from_flags_over_environment(monkeypatch, tiny_bun
     settings = started["app"].state.settings
     assert started["port"] == 9001 and settings.port == 9001
     assert settings.max_batch_size == 4
-    assert settings.api_keys == ["k1", "k2"] and settings.truncate is True
+    assert settings.api_keys == ["k1", "k2"] and settings.truncation == "head"
     assert started["log_level"] == "info"
 
 

@@ -155,7 +155,7 @@ async def test_the_service_needs_the_api_key_but_discovery_does_not(serve, tiny_
 
 async def test_note_text_and_patient_ids_never_reach_the_logs(serve, tiny_bundle_dir, caplog, capsys):
     caplog.set_level(logging.DEBUG)
-    async with serve(Settings(bundle=tiny_bundle_dir, max_note_tokens=16)) as client:
+    async with serve(Settings(bundle=tiny_bundle_dir, max_note_tokens=16, truncation="refuse")) as client:
         ok = await client.post(
             SERVICE_PATH,
             json=hook_request(

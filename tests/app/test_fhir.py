@@ -239,7 +239,7 @@ async def test_other_content_types_get_415(serve, settings):
 
 async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(serve, settings, monkeypatch):
     long_note = " ".join(["chest pain"] * 20)
-    async with serve(settings(api_keys=["k1"], max_note_tokens=16)) as client:
+    async with serve(settings(api_keys=["k1"], max_note_tokens=16, truncation="refuse")) as client:
         unauthorized = await post_fhir(client, document(NOTES[0]))
         too_long = await post_fhir(client, document(long_note), headers={"Authorization": "Bearer k1"})
     assert unauthorized.status_code == 401 and unauthorized.headers["www-authenticate"] == "Bearer"
@@ -261,17 +261,17 @@ async def test_auth_limits_and_timeouts_answer_as_operation_outcomes(serve, sett
 
 
 async def test_truncated_notes_say_so_in_the_assessment(serve, settings):
-    async with serve(settings(max_note_tokens=16, truncate=True)) as client:
+    async with serve(settings(max_note_tokens=16)) as client:
         response = await post_fhir(client, document(" ".join(["chest pain"] * 40)))
     assert response.status_code == 200
-    assert "first 16 tokens" in RiskAssessment.model_validate(response.json()).note[0].text
+    assert "first and last tokens, 16 in all" in RiskAssessment.model_validate(response.json()).note[0].text
 
 
 async def test_note_text_ids_and_patients_never_reach_the_logs(serve, settings, caplog, capsys):
     caplog.set_level(logging.DEBUG)
     resource = document(SECRET_NOTE, document_id=f"doc-{MARKER}")
     resource["subject"] = {"reference": f"Patient/{MARKER}"}
-    async with serve(settings(max_note_tokens=16)) as client:
+    async with serve(settings(max_note_tokens=16, truncation="refuse")) as client:
         ok = await post_fhir(client, resource)
         too_long = await post_fhir(client, document(f"{MARKER} " * 50, document_id=MARKER))
         invalid = await post_fhir(client, resource | {"date": MARKER})

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from app.bundle import load_bundle
-from app.inference import NoteClassifier
+from app.inference import NoteClassifier, calibrated_probability
+from app.manifest import Calibration
 
 CPU = ["CPUExecutionProvider"]
 NOTES = ["CC: seizure", "3세 남아 보호자 동반 내원 CC: chest pain. BT 38.4, HR 140", "CC: wart", "x"]
@@ -55,10 +56,29 @@ def test_encode_keeps_special_tokens_and_cuts_at_the_models_input_size(bundle, c
     assert long.truncated and len(long.ids) == bundle.manifest.max_input_tokens
 
 
-def test_notes_over_max_note_tokens_are_cut_and_marked(bundle):
-    classifier = NoteClassifier.from_bundle(bundle, max_note_tokens=6)
-    short, long = classifier.encode(["CC: wart", " ".join(["chest pain"] * 10)])
-    assert not short.truncated and long.truncated and len(long.ids) == 6
+def test_notes_over_max_note_tokens_keep_their_head_and_tail_and_are_marked(bundle):
+    text = "CC: wart. " + " ".join(["chest pain"] * 10) + " BT 39.1"
+    full = NoteClassifier.from_bundle(bundle).encode([text])[0].ids.tolist()
+    head_tail = NoteClassifier.from_bundle(bundle, max_note_tokens=8)
+    short, long = head_tail.encode(["CC: wart", text])
+    assert not short.truncated and long.truncated
+    assert long.ids.tolist() == full[:2] + full[-6:]  # a quarter from the head ([CLS] included), the rest from the tail
+    head = NoteClassifier.from_bundle(bundle, max_note_tokens=8, truncation="head")
+    assert head.encode([text])[0].ids.tolist() == full[:7] + full[-1:]  # the head, and the closing [SEP]
+
+
+def test_calibration_is_applied_to_the_logit_margin(bundle):
+    plain = NoteClassifier.from_bundle(bundle)
+    margins = plain.predict_margins(NOTES)
+    np.testing.assert_allclose(plain.predict_proba(NOTES), 1 / (1 + np.exp(-margins)), atol=1e-6)
+    platt = Calibration(method="platt", scale=0.5, bias=-1.0)
+    calibrated = NoteClassifier(bundle.session, bundle.tokenizer, bundle.manifest.max_input_tokens, platt)
+    np.testing.assert_allclose(calibrated.predict_proba(NOTES), 1 / (1 + np.exp(-(0.5 * margins - 1))), atol=1e-6)
+
+
+def test_calibrated_probability_is_finite_for_extreme_margins():
+    extreme = calibrated_probability(np.array([-1e4, -50.0, 0.0, 50.0, 1e4]), Calibration())
+    assert np.all(np.isfinite(extreme)) and extreme[2] == 0.5 and extreme[0] == 0 and extreme[-1] == 1
 
 
 def test_max_note_tokens_cannot_exceed_the_models_input_size(bundle):

@@ -127,7 +127,8 @@ async def test_oversized_bodies_get_413_with_or_without_content_length(serve, se
 
 async def test_too_many_notes_or_too_long_notes_get_413(serve, settings):
     long_note = " ".join(["chest pain"] * 20)
-    async with serve(settings(max_notes_per_request=2, max_note_chars=300, max_note_tokens=16)) as client:
+    limits = settings(max_notes_per_request=2, max_note_chars=300, max_note_tokens=16, truncation="refuse")
+    async with serve(limits) as client:
         too_many = await client.post("/classify", json={"notes": [{"text": t} for t in NOTES]})
         too_many_chars = await client.post("/classify", json={"text": "x " * 151})
         too_many_tokens = await client.post("/classify", json={"notes": [{"text": NOTES[1]}, {"text": long_note}]})
@@ -137,12 +138,14 @@ async def test_too_many_notes_or_too_long_notes_get_413(serve, settings):
     assert "positions [1] exceed 16 tokens" in too_many_tokens.json()["detail"]
 
 
-async def test_truncate_classifies_long_notes_and_says_so(serve, settings):
+async def test_long_notes_are_classified_by_default_said_so_and_counted(serve, settings):
     long_note = " ".join(["chest pain"] * 40)
-    async with serve(settings(max_note_tokens=16, truncate=True)) as client:
+    async with serve(settings(max_note_tokens=16)) as client:
         response = await client.post("/classify", json={"notes": [{"text": NOTES[1]}, {"text": long_note}]})
+        metrics = (await client.get("/metrics")).text
     assert response.status_code == 200
     assert [r["truncated"] for r in response.json()["results"]] == [False, True]
+    assert metric_samples(metrics, "triage_notes_truncated")[("triage_notes_truncated_total", ())] == 1.0
 
 
 @pytest.mark.parametrize(
@@ -208,7 +211,7 @@ async def test_metrics_count_requests_by_route_and_status(serve, settings):
 async def test_note_text_and_ids_never_reach_the_logs(serve, settings, caplog, capsys):
     marker = "ZQX-MARKER-7731"
     caplog.set_level(logging.DEBUG)
-    async with serve(settings(max_note_tokens=16)) as client:
+    async with serve(settings(max_note_tokens=16, truncation="refuse")) as client:
         await client.post("/classify", json={"notes": [{"id": f"id-{marker}", "text": f"CC: seizure {marker}"}]})
         await client.post("/classify", json={"notes": [{"id": marker, "text": marker}, {"id": marker, "text": "b"}]})
         await client.post("/classify", json={"text": f"{marker} " * 50})

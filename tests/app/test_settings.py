@@ -9,11 +9,11 @@ from app.settings import Settings
 def test_settings_come_from_triage_environment_variables(monkeypatch):
     monkeypatch.setenv("TRIAGE_BUNDLE", "models/tiny")
     monkeypatch.setenv("TRIAGE_MAX_BATCH_SIZE", "7")
-    monkeypatch.setenv("TRIAGE_TRUNCATE", "true")
+    monkeypatch.setenv("TRIAGE_TRUNCATION", "refuse")
     monkeypatch.setenv("TRIAGE_API_KEYS", "k1, k2,")
     settings = Settings()
     assert settings.bundle == Path("models/tiny")
-    assert settings.max_batch_size == 7 and settings.truncate is True
+    assert settings.max_batch_size == 7 and settings.truncation == "refuse"
     assert settings.api_keys == ["k1", "k2"]
     assert "k1" not in repr(settings)
 
