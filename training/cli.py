@@ -24,6 +24,7 @@ from training.config import (
     EvalArguments,
     ModelArguments,
     PretrainArguments,
+    RenderStyle,
     SelectMetric,
     TrainingArguments,
     check_fit_options,
@@ -77,6 +78,13 @@ def evaluate(
     bootstrap: Annotated[
         int | None, typer.Option(min=2, help="Bootstrap resamples (default: the run's setting).")
     ] = None,
+    render: Annotated[
+        RenderStyle | None,
+        typer.Option(
+            help="KTAS runs: evaluate on the run's own split rendered in this style (a fixed seeded draw), "
+            "written to eval-render-STYLE/ (a per-rendering table of one model)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a run's best checkpoint: metrics with bootstrap CIs, report.md and plots under the run."""
     from dataclasses import replace
@@ -89,13 +97,15 @@ def evaluate(
         if bootstrap is not None:
             eval_args = replace(eval_args, bootstrap=bootstrap)
         external = None
+        if data and render:
+            raise ConfigError("--render evaluates the run's own split; it does not go with --data")
         if data:
             external = DataArguments(**{**run_dir.read_config()["data"], "data": data, "data_format": data_format})
 
         from training.run_report import evaluate_run
 
-        evaluate_run(run_dir, eval_args, metric=metric, external=external)
-    typer.echo(f"report written to {run_dir.eval_dir(external=external is not None)}")
+        evaluate_run(run_dir, eval_args, metric=metric, external=external, render=render)
+    typer.echo(f"report written to {run_dir.eval_dir(external=external is not None, render=render)}")
 
 
 @app.command()

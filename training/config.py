@@ -10,6 +10,7 @@ import torch or transformers.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import typing
@@ -24,6 +25,7 @@ __all__ = [
     "DATA_FORMATS",
     "HIDDEN_LOSSES",
     "METHODS",
+    "RENDER_STYLES",
     "SELECT_METRICS",
     "THRESHOLD_POLICIES",
     "WORD_POLICIES",
@@ -38,6 +40,7 @@ __all__ = [
     "Method",
     "ModelArguments",
     "PretrainArguments",
+    "RenderStyle",
     "SelectMetric",
     "ThresholdPolicy",
     "TrainingArguments",
@@ -51,6 +54,7 @@ Method = Literal["base", "mlkd", "ensemble"]
 SelectMetric = Literal["auroc", "brier", "loss", "f1"]  # the validation metrics a best checkpoint is kept for
 ThresholdPolicy = Literal["prevalence", "fixed-0.5", "target-sensitivity"]
 DataFormat = Literal["auto", "ktas", "table"]
+RenderStyle = Literal["shorthand", "narrative", "ko", "mixed"]  # renderings of KTAS records (training/data/render.py)
 WordPolicy = Literal["latin", "all"]
 HiddenLoss = Literal["mse", "cosine"]
 AttentionLoss = Literal["mse", "kl"]
@@ -60,6 +64,7 @@ METHODS: tuple[Method, ...] = get_args(Method)
 SELECT_METRICS: tuple[SelectMetric, ...] = get_args(SelectMetric)
 THRESHOLD_POLICIES: tuple[ThresholdPolicy, ...] = get_args(ThresholdPolicy)
 DATA_FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
+RENDER_STYLES: tuple[RenderStyle, ...] = get_args(RenderStyle)
 WORD_POLICIES: tuple[WordPolicy, ...] = get_args(WordPolicy)
 HIDDEN_LOSSES: tuple[HiddenLoss, ...] = get_args(HiddenLoss)
 ATTENTION_LOSSES: tuple[AttentionLoss, ...] = get_args(AttentionLoss)
@@ -159,6 +164,13 @@ class DataArguments:
     delimiter: str | None = field(
         default=None, metadata={"help": "Delimiter of a CSV/TSV file (sniffed when not given)."}
     )
+    encoding: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text encoding of a CSV/TSV/JSONL file, e.g. cp949 or euc-kr. Default: UTF-8, else detected "
+            "(Korean CP949/EUC-KR are read as such; another guess must be confirmed with this option)."
+        },
+    )
     drop_empty: bool = field(
         default=False, metadata={"help": "Drop rows with empty text (the count is logged) instead of failing."}
     )
@@ -176,9 +188,36 @@ class DataArguments:
     valid_fraction: float = field(default=0.15, metadata={"help": "Fraction of --data for validation when splitting."})
     test_fraction: float = field(default=0.15, metadata={"help": "Fraction of --data for test when splitting."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the stratified split."})
+    render: RenderStyle = field(
+        default="shorthand",
+        metadata={
+            "help": "How each KTAS record is written as a note: shorthand (the compact template), narrative "
+            "(English sentences), ko (Korean ED-note style, English terms in Latin script), or mixed (a style "
+            "drawn per record and per epoch for training; validation and test keep one fixed draw). Re-rendered "
+            "real records, not real free text; the split is made on records, so no record crosses it."
+        },
+    )
+    render_seed: int = field(
+        default=0, metadata={"help": "Seed of the renderings' phrasing (with the record's row id, style and epoch)."}
+    )
+
+    @property
+    def is_ktas(self) -> bool:
+        """True when the notes are built from KTAS records (--data ktas, or --data-format ktas)."""
+        return self.data_format == "ktas" or (self.data_format == "auto" and self.data == "ktas")
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if self.render != "shorthand" and not self.is_ktas:
+            raise ConfigError(
+                f"--render {self.render} re-renders KTAS records: it needs --data ktas or --data-format ktas, "
+                f"not --data {self.data!r} with --data-format {self.data_format!r}"
+            )
+        if self.encoding is not None:
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError as err:
+                raise ConfigError(f"--encoding: unknown encoding {self.encoding!r} (e.g. cp949, euc-kr)") from err
         if not self.text_columns:
             raise ConfigError("--text-columns: at least one column is needed")
         if bool(self.valid_file) != bool(self.test_file):
@@ -349,6 +388,11 @@ def check_fit_options(
     """Checks across the option groups of `fit` (each group checks itself when built)."""
     if training.method != "base" and not model.teacher:
         raise ConfigError(f"--method {training.method} needs --teacher")
+    if training.method != "base" and distill.teacher_cache and data.render == "mixed":
+        raise ConfigError(
+            "--render mixed re-draws the training notes every epoch, but --teacher-cache keeps the teacher's "
+            "features of fixed notes: pass --no-teacher-cache (the teacher then runs on each epoch's notes)"
+        )
 
 
 @dataclass

@@ -77,12 +77,13 @@ def fit(
     objective = build_objective(train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device)
 
     generator = torch.Generator().manual_seed(train_args.seed)
+    collator = objective.collator(parts["train"])
     loader = torch.utils.data.DataLoader(
         Positions(len(parts["train"])),
         batch_size=train_args.batch_size,
         shuffle=True,
         generator=generator,
-        collate_fn=objective.collator(parts["train"]),
+        collate_fn=collator,
     )
     groups = parameter_groups(model, train_args.encoder_lr, train_args.head_lr, train_args.weight_decay)
     extra = [p for module in objective.extra_modules() for p in module.parameters()]
@@ -101,6 +102,8 @@ def fit(
     run.history_file.write_text("")
     step, stale, start = 0, 0, time.perf_counter()
     for epoch in range(1, train_args.epochs + 1):
+        # --render mixed: every training note is re-drawn each epoch (validation keeps its fixed epoch-0 draw).
+        collator.examples = parts["train"].for_epoch(epoch)
         model.train()
         batches = iter(loader)
         progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False)

@@ -10,6 +10,7 @@
       eval/                    test report of one checkpoint: metrics.json (with the decision threshold),
                                report.md, roc.png, pr.png, reliability.png, predictions.csv
       eval-external/           the same for `evaluate --data FILE` (no decision threshold)
+      eval-render-STYLE/       the same for `evaluate --render STYLE`: the test split rendered in STYLE
 
 The decision threshold (policy and value) is stored once, as `decision` in eval/metrics.json, beside the
 `checkpoint` it was chosen for. Light imports only (no torch): the CLI uses this before validating.
@@ -41,6 +42,7 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_INFO_FILE = "checkpoint.json"
 EVAL_DIR = "eval"
 EXTERNAL_EVAL_DIR = "eval-external"
+RENDER_EVAL_DIR = "eval-render-{style}"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -94,14 +96,16 @@ class RunDirectory:
     def checkpoint_info_file(checkpoint: Path) -> Path:
         return checkpoint / CHECKPOINT_INFO_FILE
 
-    def eval_dir(self, external: bool = False) -> Path:
+    def eval_dir(self, external: bool = False, render: str | None = None) -> Path:
+        if render:
+            return self.root / RENDER_EVAL_DIR.format(style=render)
         return self.root / (EXTERNAL_EVAL_DIR if external else EVAL_DIR)
 
-    def metrics_file(self, external: bool = False) -> Path:
-        return self.eval_dir(external) / METRICS_FILE
+    def metrics_file(self, external: bool = False, render: str | None = None) -> Path:
+        return self.eval_dir(external, render) / METRICS_FILE
 
-    def predictions_file(self, external: bool = False) -> Path:
-        return self.eval_dir(external) / PREDICTIONS_FILE
+    def predictions_file(self, external: bool = False, render: str | None = None) -> Path:
+        return self.eval_dir(external, render) / PREDICTIONS_FILE
 
     # ------------------------------------------------------------------ the options of the run
 

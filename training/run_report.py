@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from training.config import THRESHOLD_POLICIES, DataArguments, EvalArguments, SelectMetric
+from training.config import THRESHOLD_POLICIES, DataArguments, EvalArguments, RenderStyle, SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_examples, load_parts
 from training.evaluate import choose_threshold, evaluate
@@ -28,13 +28,17 @@ def evaluate_run(
     metric: SelectMetric = "auroc",
     device: torch.device | str = "cpu",
     external: DataArguments | None = None,
+    render: RenderStyle | None = None,
 ) -> dict[str, Any]:
     """Thresholds come from the run's own train/valid data; the test set is the run's test split, or every
     row of `external`. Writes `<run>/eval/` (or `eval-external/`), with `predictions.csv` (row id, label,
     P(emergency); no text). For the run's own test split the report records the decision threshold
-    (`decision`, see `RunDirectory.decision`). Returns the report."""
+    (`decision`, see `RunDirectory.decision`). With `render` (KTAS runs), the run's own split is rendered in that
+    style (a fixed seeded draw) and the report goes to `eval-render-STYLE/`, without a decision. Returns the report."""
     config = run.read_config()
-    if parts is None:
+    if render:
+        parts = load_parts(run.data_arguments(render=render))
+    elif parts is None:
         parts = load_parts(run.data_arguments())
     test = load_examples(external) if external else parts["test"]
     max_length = run.model_arguments().max_length
@@ -56,7 +60,9 @@ def evaluate_run(
     }
     report = evaluate(test.labels, test_prob, thresholds, eval_args.bootstrap, eval_args.bootstrap_seed)
     report["checkpoint"] = {"metric": metric, "path": run.relative(checkpoint)}
-    if not external:
+    if render:
+        report["render"] = {"style": render, "seed": run.data_arguments().render_seed}
+    if not external and not render:
         report["decision"] = {
             "policy": eval_args.threshold_policy,
             "threshold": thresholds[eval_args.threshold_policy],
@@ -64,11 +70,12 @@ def evaluate_run(
         }
     title = f"{config['training']['method']} - {Path(config['model']['student']).name} - "
     title += f"external: {Path(test.source).name}" if external else "test split"
-    out = run.eval_dir(external=external is not None)
+    title += f", rendered {render}" if render else ""
+    out = run.eval_dir(external=external is not None, render=render)
     write_report(report, test.labels, test_prob, out, title)
     # Row ids, not text: lets runs be compared paired on the same notes (see experiments/).
     pd.DataFrame({"row_id": test.row_ids, "label": test.labels, "p_emergency": test_prob}).to_csv(
-        run.predictions_file(external=external is not None), index=False
+        run.predictions_file(external=external is not None, render=render), index=False
     )
     log.info("test report written to %s", out)
     return report

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from training.errors import DataError
+
+if TYPE_CHECKING:
+    from training.data.render import Rendering
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +26,22 @@ class Examples:
     labels: np.ndarray  # int64, 1 = emergency
     row_ids: np.ndarray  # int64, 0-based data row in the source table
     source: str
+    # KTAS: the records behind the texts and how they were rendered (training/data/render.py); None for a table.
+    rendering: Rendering | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def subset(self, index: np.ndarray) -> Examples:
-        return Examples([self.texts[i] for i in index], self.labels[index], self.row_ids[index], self.source)
+        texts = [self.texts[i] for i in index]
+        return Examples(texts, self.labels[index], self.row_ids[index], self.source, self.rendering)
+
+    def for_epoch(self, epoch: int) -> Examples:
+        """The examples to train on in `epoch` (from 1): these, unless the rendering re-draws each note every
+        epoch (`--render mixed`); `texts` itself (epoch 0's draw) stays fixed for validation and test."""
+        if self.rendering is None or not self.rendering.per_epoch:
+            return self
+        return replace(self, texts=self.rendering.texts(self.row_ids, epoch))
 
     def fingerprint(self) -> str:
         """sha256 over texts and labels: identifies the data a split was made from without storing any text."""

@@ -1,9 +1,17 @@
-"""Read a table of notes from CSV / TSV / JSONL / Parquet with errors that name the file and row."""
+"""Read a table of notes from CSV / TSV / JSONL / Parquet with errors that name the file and row.
+
+Text files are UTF-8 unless `encoding` says otherwise. A file that is not UTF-8 is detected: Korean files in
+CP949 / EUC-KR (EUC-KR is a subset of CP949) are read as CP949; any other guess (charset-normalizer's) is named
+in the error, to be confirmed with `--encoding`, since a wrong guess would silently garble the notes.
+"""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
+import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -14,10 +22,15 @@ TEXT_SUFFIXES = {".csv", ".tsv", ".txt"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 SNIFF_DELIMITERS = ",;\t|"
+KOREAN_ENCODINGS = {"cp949", "euc_kr", "johab", "iso2022_kr"}  # as charset-normalizer names them
+HANGUL = re.compile(r"[\uac00-\ud7a3\u3131-\u318e]")
+
+log = logging.getLogger(__name__)
 
 
-def read_table(path: str | Path, delimiter: str | None = None) -> pd.DataFrame:
-    """Read a table; every cell of a delimited file stays a string (labels such as "01" keep their form)."""
+def read_table(path: str | Path, delimiter: str | None = None, encoding: str | None = None) -> pd.DataFrame:
+    """Read a table; every cell of a delimited file stays a string (labels such as "01" keep their form).
+    `encoding`: of a text file (default: UTF-8, else detected, see the module's docstring)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -27,7 +40,7 @@ def read_table(path: str | Path, delimiter: str | None = None) -> pd.DataFrame:
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(f"{path}: the file is empty")
-    text = _decode_utf8(path, raw)
+    text = _decode(path, raw, encoding)
     if suffix in JSONL_SUFFIXES:
         return _non_empty(path, _read_jsonl(path, text))
     if suffix in TEXT_SUFFIXES:
@@ -40,15 +53,51 @@ def read_table(path: str | Path, delimiter: str | None = None) -> pd.DataFrame:
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv, .jsonl or .parquet)")
 
 
-def _decode_utf8(path: Path, raw: bytes) -> str:
+def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
+    if encoding is not None:
+        name = codecs.lookup(encoding).name
+        try:
+            return raw.decode("utf-8-sig" if name == "utf-8" else name)
+        except UnicodeDecodeError as err:
+            line = raw[: err.start].count(b"\n") + 1
+            raise DataError(
+                f"{path}: line {line} is not valid {encoding} (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                "check --encoding"
+            ) from err
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
+        korean = _korean(raw)
+        if korean is not None:
+            log.info("%s: not UTF-8; read as CP949 (Korean, detected)", path)
+            return korean
         line = raw[: err.start].count(b"\n") + 1
+        guess = _guess_encoding(raw)
+        hint = f"it looks like {guess}: pass --encoding {guess} if so, or" if guess else "pass --encoding, or"
         raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}); "
-            "re-save the file as UTF-8"
+            f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}) and not "
+            f"Korean CP949/EUC-KR; {hint} re-save the file as UTF-8"
         ) from err
+
+
+def _korean(raw: bytes) -> str | None:
+    """The text of a CP949 / EUC-KR file: it decodes as CP949 and its non-ASCII characters are mostly Hangul (or
+    charset-normalizer says it is Korean); None otherwise."""
+    try:
+        text = raw.decode("cp949")
+    except UnicodeDecodeError:
+        return None
+    non_ascii = [c for c in text if ord(c) > 127]
+    if non_ascii and sum(bool(HANGUL.match(c)) for c in non_ascii) >= 0.5 * len(non_ascii):
+        return text
+    return text if _guess_encoding(raw) in KOREAN_ENCODINGS else None
+
+
+def _guess_encoding(raw: bytes) -> str | None:
+    from charset_normalizer import from_bytes
+
+    best = from_bytes(raw).best()
+    return None if best is None else str(best.encoding)
 
 
 def _sniff_delimiter(path: Path, text: str) -> str:

@@ -65,6 +65,50 @@ def test_unreadable_files(tmp_path, name, content, message):
     assert str(path) in str(err.value)
 
 
+# SYNTHETIC Korean notes (made up for this test, not patient data), saved in the encodings Korean EMRs export.
+KOREAN_ROWS = [
+    ("복통 호소하여 내원함, NRS 5점", "1"),
+    ("어지럼증으로 도보 내원", "0"),
+    ("흉통 및 호흡곤란, 119 구급차", "1"),
+]
+
+
+@pytest.mark.parametrize("encoding", ["cp949", "euc-kr"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_korean_cp949_and_euc_kr_files_are_detected(tmp_path, encoding, suffix):
+    sep = "\t" if suffix == ".tsv" else ","
+    text = f"note{sep}label\n" + "".join(f"{note.replace(',', ' ')}{sep}{label}\n" for note, label in KOREAN_ROWS)
+    path = write(tmp_path, f"notes{suffix}", text.encode(encoding))
+    for given in (None, encoding):
+        frame = read_table(path, encoding=given)
+        assert frame["note"].tolist() == [note.replace(",", " ") for note, _ in KOREAN_ROWS]
+
+
+def test_a_short_euc_kr_file_is_read_and_a_wrong_encoding_is_named(tmp_path):
+    path = write(tmp_path, "one.csv", "note;label\n두통;1\n외상;0\n".encode("euc-kr"))
+    assert read_table(path)["note"].tolist() == ["두통", "외상"]
+    with pytest.raises(DataError, match=r"one.csv: line 2 is not valid utf-8.*check --encoding"):
+        read_table(path, encoding="utf-8")
+
+
+def test_other_encodings_need_encoding_given(tmp_path):
+    path = write(tmp_path, "latin.csv", "note,label\nfine,1\ncaf\xe9 au lait,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv: line 3 is not valid UTF-8 .*--encoding"):
+        read_table(path)
+    assert read_table(path, encoding="latin-1")["note"].tolist() == ["fine", "caf\xe9 au lait"]
+
+
+def test_ktas_file_in_cp949_is_read_with_encoding(tmp_path):
+    """The real KTAS file has no Hangul left to detect (its few non-ASCII signs are ambiguous): --encoding says."""
+    from training.config import DataArguments
+    from training.data.ktas import BUNDLED_KTAS
+    from training.data.loading import load_examples
+
+    path = write(tmp_path, "ktas.csv", BUNDLED_KTAS.read_text().encode("cp949"))
+    args = DataArguments(data=str(path), data_format="ktas", encoding="cp949")
+    assert load_examples(args).texts == load_examples(DataArguments(data="ktas")).texts
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_table(tmp_path / "nope.csv")
