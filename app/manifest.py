@@ -38,6 +38,25 @@ class Calibration(Strict):
     notes: int | None = Field(None, description="How many notes it was fitted on.")
 
 
+class Recalibration(Strict):
+    """A bundle recalibrated for a site (`python -m training recalibrate`): the same ONNX and tokenizer files as
+    `source_version`, with a calibration and a decision threshold fitted on the site's own labelled notes."""
+
+    source_version: str = Field(description="The version of the bundle that was recalibrated.")
+    data_file: str = Field(description="The name of the site's data file (no path).")
+    data_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the site's data file.")
+    notes: int = Field(gt=0, description="Labelled notes of the site.")
+    fit_notes: int = Field(gt=0, description="Notes the calibration and the threshold were fitted on.")
+    check_notes: int = Field(gt=0, description="Held-out notes the before/after metrics were measured on.")
+    prevalence: float = Field(ge=0, le=1, description="Fraction of emergencies among the site's notes.")
+    split_seed: int = Field(description="Seed of the stratified fit/check split.")
+    calibration_selection: dict[str, Any] = Field(description="How the calibration method was chosen.")
+    before: dict[str, Any] = Field(
+        description="Check-part metrics (95% bootstrap CIs) with the source bundle's calibration and threshold."
+    )
+    after: dict[str, Any] = Field(description="Check-part metrics with the new calibration and threshold.")
+
+
 class Variant(Strict):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -88,3 +107,6 @@ class Manifest(Strict):
     tokenizer_files: dict[str, str] = Field(description="sha256 of each tokenizer file.")
     export_method: str = Field(description="optimum, or torch.onnx when optimum could not export the architecture.")
     library_versions: dict[str, str]
+    recalibration: Recalibration | None = Field(
+        None, description="Present when the calibration and threshold were refitted on a site's own notes."
+    )

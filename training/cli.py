@@ -1,4 +1,4 @@
-"""`python -m training ...`: fit, evaluate, pretrain, prepare-models, export.
+"""`python -m training ...`: fit, evaluate, pretrain, prepare-models, export, recalibrate.
 
 Only light modules are imported here (no torch, transformers, pandas or scikit-learn): every option is
 checked while the command line is parsed, so a wrong value fails at once; each command imports what it
@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 
 from training.cli_options import dataclass_command
 from training.config import (
+    CalibrationMethod,
     DataArguments,
     DataFormat,
     DistillArguments,
@@ -26,6 +27,7 @@ from training.config import (
     PretrainArguments,
     RenderStyle,
     SelectMetric,
+    ThresholdPolicy,
     TrainingArguments,
     check_fit_options,
 )
@@ -150,6 +152,66 @@ def export(
             overwrite=overwrite,
         )
     typer.echo(f"bundle written to {bundle}")
+
+
+@app.command()
+def recalibrate(
+    bundle: Annotated[Path, typer.Option(help="Model bundle to recalibrate, e.g. models/NAME.")],
+    data: Annotated[str, typer.Option(help="The site's labelled notes: CSV/TSV/JSONL/Parquet (or 'ktas').")],
+    out: Annotated[Path, typer.Option(help="Directory of the new bundle, e.g. models/NAME-site.")],
+    data_format: Annotated[DataFormat, typer.Option(help="Format of --data (as in fit).")] = "auto",
+    text_columns: Annotated[
+        list[str] | None, typer.Option(help="Text column(s); several are joined with newlines (default: text).")
+    ] = None,
+    label_column: Annotated[str, typer.Option(help="Label column.")] = "label",
+    label_map: Annotated[
+        str | None, typer.Option(help="Map raw labels to 0/1, e.g. '1=1,2=1,3=1,4=0,5=0' (as in fit).")
+    ] = None,
+    delimiter: Annotated[str | None, typer.Option(help="Delimiter of a CSV/TSV file (sniffed when not given).")] = None,
+    drop_empty: Annotated[bool, typer.Option(help="Drop rows with empty text instead of failing.")] = False,
+    threshold_policy: Annotated[
+        ThresholdPolicy, typer.Option(help="Decision threshold fitted on the site's notes (as in fit).")
+    ] = "target-sensitivity",
+    target_sensitivity: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Sensitivity the target-sensitivity threshold must reach.")
+    ] = 0.95,
+    calibration: Annotated[
+        CalibrationMethod, typer.Option(help="auto (temperature or Platt, by cross-validation), temperature, platt.")
+    ] = "auto",
+    fit_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of the notes to fit on; the rest checks the fit.")
+    ] = 0.6,
+    seed: Annotated[int, typer.Option(help="Seed of the stratified fit/check split and of the bootstrap.")] = 0,
+    bootstrap: Annotated[int, typer.Option(min=2, help="Bootstrap resamples for the check part's CIs.")] = 1000,
+    version: Annotated[
+        str | None, typer.Option(help="Version of the new bundle (default: the old one + site.<data sha256>).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+) -> None:
+    """Refit a bundle's calibration and threshold on a site's own labelled notes, without retraining."""
+    from app.bundle import BundleError
+    from training.recalibrate import RecalibrationError, RecalibrationOptions, recalibrate_bundle
+
+    with _clear_errors(RecalibrationError, BundleError):
+        site = DataArguments(
+            data=data,
+            data_format=data_format,
+            text_columns=text_columns or ["text"],
+            label_column=label_column,
+            label_map=label_map,
+            delimiter=delimiter,
+            drop_empty=drop_empty,
+        )
+        options = RecalibrationOptions(
+            threshold_policy=threshold_policy,
+            target_sensitivity=target_sensitivity,
+            calibration=calibration,
+            fit_fraction=fit_fraction,
+            seed=seed,
+            bootstrap=bootstrap,
+        )
+        written = recalibrate_bundle(bundle, site, out, options, version=version, overwrite=overwrite)
+    typer.echo(f"recalibrated bundle written to {written}")
 
 
 @app.command()

@@ -22,6 +22,7 @@ from training.errors import ConfigError
 
 __all__ = [
     "ATTENTION_LOSSES",
+    "CALIBRATION_METHODS",
     "DATA_FORMATS",
     "HIDDEN_LOSSES",
     "METHODS",
@@ -30,6 +31,7 @@ __all__ = [
     "THRESHOLD_POLICIES",
     "WORD_POLICIES",
     "AttentionLoss",
+    "CalibrationMethod",
     "ConfigError",
     "DataArguments",
     "DataFormat",
@@ -53,6 +55,7 @@ __all__ = [
 Method = Literal["base", "mlkd", "ensemble"]
 SelectMetric = Literal["auroc", "brier", "loss", "f1"]  # the validation metrics a best checkpoint is kept for
 ThresholdPolicy = Literal["prevalence", "fixed-0.5", "target-sensitivity"]
+CalibrationMethod = Literal["auto", "none", "temperature", "platt"]
 DataFormat = Literal["auto", "ktas", "table"]
 RenderStyle = Literal["shorthand", "narrative", "ko", "mixed"]  # renderings of KTAS records (training/data/render.py)
 WordPolicy = Literal["latin", "all"]
@@ -63,6 +66,7 @@ LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counte
 METHODS: tuple[Method, ...] = get_args(Method)
 SELECT_METRICS: tuple[SelectMetric, ...] = get_args(SelectMetric)
 THRESHOLD_POLICIES: tuple[ThresholdPolicy, ...] = get_args(ThresholdPolicy)
+CALIBRATION_METHODS: tuple[CalibrationMethod, ...] = get_args(CalibrationMethod)
 DATA_FORMATS: tuple[DataFormat, ...] = get_args(DataFormat)
 RENDER_STYLES: tuple[RenderStyle, ...] = get_args(RenderStyle)
 WORD_POLICIES: tuple[WordPolicy, ...] = get_args(WordPolicy)
@@ -360,14 +364,22 @@ class DistillArguments:
 @dataclass
 class EvalArguments:
     threshold_policy: ThresholdPolicy = field(
-        default="prevalence",
+        default="target-sensitivity",
         metadata={
-            "help": "Decision threshold for the model's label: prevalence (training prevalence, the original rule), "
-            "fixed-0.5, or target-sensitivity."
+            "help": "Decision threshold the model ships with: target-sensitivity (the highest threshold reaching "
+            "--target-sensitivity on validation, the default: it protects patients), prevalence (training "
+            "prevalence, the original rule), or fixed-0.5. The report shows all three."
         },
     )
     target_sensitivity: float = field(
         default=0.95, metadata={"help": "Sensitivity the target-sensitivity threshold must reach on validation."}
+    )
+    calibration: CalibrationMethod = field(
+        default="auto",
+        metadata={
+            "help": "Calibration of P(emergency) fitted on the validation split: auto (temperature or Platt, "
+            "chosen by cross-validation on it), temperature, platt, or none (the model's own softmax)."
+        },
     )
     bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for 95% confidence intervals."})
     bootstrap_seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})

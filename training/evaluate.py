@@ -4,14 +4,27 @@ Labels are 1 = emergency, 0 = non-emergency; `prob` is the model's P(emergency).
 predicted emergency when `prob >= threshold` (the convention of sklearn's `roc_curve`, so a
 threshold chosen on a ROC curve reproduces that curve's sensitivity).
 
-Every metric comes from scikit-learn. The bootstrap scores all resamples at once by laying them
-out as the columns of a multilabel problem, which sklearn's metrics score column by column.
+Discrimination and threshold metrics come from scikit-learn. The bootstrap scores all resamples at once by
+laying them out as the columns of a multilabel problem, which sklearn's metrics score column by column; the
+calibration metrics (Brier, ECE, calibration slope and calibration-in-the-large) are computed here, vectorized
+over the same columns.
+
+Calibration metrics, in the logistic recalibration framework (Cox 1958; Van Calster et al., "Calibration:
+the Achilles heel of predictive analytics", BMC Medicine 2019), with x = logit(P):
+- calibration slope: b of the logistic regression logit P(y = 1) = a + b * x; 1 is ideal, < 1 means the
+  probabilities are too extreme (overfitting), > 1 too timid;
+- calibration-in-the-large (CITL): a of logit P(y = 1) = a + x (x as an offset, slope fixed at 1); 0 is ideal,
+  > 0 means the model under-predicts on average;
+- mean P - prevalence: the same question on the probability scale (signed; 0 is ideal);
+- ECE beside its chance level: the ECE a perfectly calibrated model would still show on this many notes with
+  these probabilities (labels drawn as Bernoulli(P)), since ECE is biased upwards on small test sets.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from sklearn.calibration import calibration_curve
@@ -29,9 +42,23 @@ from sklearn.metrics import (
 
 logger = logging.getLogger(__name__)
 
-THRESHOLD_FREE_METRICS = ("auroc", "auprc", "brier", "ece")
+THRESHOLD_FREE_METRICS = (
+    "auroc",
+    "auprc",
+    "brier",
+    "ece",
+    "calibration_slope",
+    "calibration_in_the_large",
+    "mean_minus_prevalence",
+)
+CALIBRATION_METRICS = THRESHOLD_FREE_METRICS[2:]
 THRESHOLD_METRICS = ("f1", "precision", "sensitivity", "specificity", "accuracy")
 ECE_BINS = 10
+ECE_CHANCE_DRAWS = 1000
+# Probabilities are clipped to [eps, 1 - eps] before taking their logit (a float32 P can round to exactly 1).
+LOGIT_EPS = 1e-7
+NEWTON_STEPS = 100
+NEWTON_TOLERANCE = 1e-10
 
 THRESHOLD_POLICIES = {
     "prevalence": "the fraction of emergencies in the training labels (the original work's rule)",
@@ -47,6 +74,9 @@ METRIC_LABELS = {
     "auprc": "AUPRC (average precision)",
     "brier": "Brier score (lower is better)",
     "ece": f"ECE, {ECE_BINS} equal-width bins (lower is better)",
+    "calibration_slope": "Calibration slope (1 is ideal)",
+    "calibration_in_the_large": "Calibration-in-the-large, logit scale (0 is ideal)",
+    "mean_minus_prevalence": "Mean P(emergency) - prevalence (0 is ideal)",
     "f1": "F1",
     "precision": "Precision (PPV)",
     "sensitivity": "Sensitivity (recall)",
@@ -134,13 +164,98 @@ def expected_calibration_error(y_true, prob) -> float:
     return float(sum(b["count"] / n * abs(b["fraction_positive"] - b["mean_predicted"]) for b in bins))
 
 
+def _logit(probabilities: np.ndarray) -> np.ndarray:
+    p = np.clip(probabilities, LOGIT_EPS, 1 - LOGIT_EPS)
+    logit: np.ndarray = np.log(p) - np.log1p(-p)
+    return logit
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    e = np.exp(-np.abs(z))
+    result: np.ndarray = np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+    return result
+
+
+def logistic_recalibration(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration slope, calibration-in-the-large) of each column of `[n, k]` labels and probabilities
+    (1-D inputs are one column), by Newton's method on all columns at once.
+
+    The slope is NaN for a column where it has no finite maximum-likelihood value (the logits separate the
+    labels perfectly) or Newton's method does not converge.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    x = _logit(np.asarray(probabilities, dtype=np.float64))
+    if y.ndim == 1:
+        y, x = y[:, None], x[:, None]
+    columns = y.shape[1]
+    # Slope: logit P(y) = a + b x, from the perfectly calibrated a = 0, b = 1.
+    a, b = np.zeros(columns), np.ones(columns)
+    converged = np.zeros(columns, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for _ in range(NEWTON_STEPS):
+            mu = _sigmoid(a + b * x)
+            w, r = mu * (1 - mu), y - mu
+            g_a, g_b = r.sum(axis=0), (r * x).sum(axis=0)
+            h_aa, h_ab, h_bb = w.sum(axis=0), (w * x).sum(axis=0), (w * x * x).sum(axis=0)
+            det = h_aa * h_bb - h_ab**2
+            step_a, step_b = (h_bb * g_a - h_ab * g_b) / det, (h_aa * g_b - h_ab * g_a) / det
+            active = ~converged & np.isfinite(step_a) & np.isfinite(step_b)
+            a, b = np.where(active, a + step_a, a), np.where(active, b + step_b, b)
+            converged |= active & (np.maximum(np.abs(step_a), np.abs(step_b)) < NEWTON_TOLERANCE * (1 + np.abs(b)))
+            if converged.all():
+                break
+        slope = np.where(converged & np.isfinite(b), b, np.nan)
+        # CITL: logit P(y) = a + x (x an offset): finite whenever both classes are present.
+        citl = np.zeros(columns)
+        for _ in range(NEWTON_STEPS):
+            mu = _sigmoid(citl + x)
+            step = (y - mu).sum(axis=0) / np.maximum((mu * (1 - mu)).sum(axis=0), 1e-300)
+            step = np.clip(step, -5, 5)  # far-off starts (probabilities of 0 or 1) take several bounded steps
+            citl += step
+            if (np.abs(step) < NEWTON_TOLERANCE).all():
+                break
+    return slope, citl
+
+
+def _bin_ids(probabilities: np.ndarray) -> np.ndarray:
+    """The reliability bin of each probability, as `reliability_bins` (and sklearn's calibration_curve) assign."""
+    bin_ids: np.ndarray = np.searchsorted(np.linspace(0.0, 1.0, ECE_BINS + 1)[1:-1], probabilities)
+    return bin_ids
+
+
+def _column_ece(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """ECE of each column of `[n, k]` labels and probabilities: sum over bins of |emergencies - sum of P| / n."""
+    n, columns = labels.shape
+    flat = _bin_ids(probabilities) * columns + np.arange(columns)
+    gaps = np.bincount(flat.ravel(), weights=(labels - probabilities).ravel(), minlength=ECE_BINS * columns)
+    ece: np.ndarray = np.abs(gaps.reshape(ECE_BINS, columns)).sum(axis=0) / n
+    return ece
+
+
 def _threshold_free(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    slope, citl = logistic_recalibration(labels, probabilities)
     return {
         "auroc": float(roc_auc_score(labels, probabilities)),
         "auprc": float(average_precision_score(labels, probabilities)),
         "brier": float(brier_score_loss(labels, probabilities)),
         "ece": expected_calibration_error(labels, probabilities),
+        "calibration_slope": float(slope[0]),
+        "calibration_in_the_large": float(citl[0]),
+        "mean_minus_prevalence": float(probabilities.mean() - labels.mean()),
     }
+
+
+def ece_if_calibrated(prob, draws: int = ECE_CHANCE_DRAWS, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """The ECE of a perfectly calibrated model with these probabilities on this many notes: labels drawn as
+    Bernoulli(P), `draws` times. Returns {mean, low, high (the central `level` interval), draws, seed}."""
+    probabilities = np.asarray(prob, dtype=np.float64)
+    _as_probabilities(probabilities, probabilities.size)
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((probabilities.size, draws)) < probabilities[:, None]).astype(np.float64)
+    ece = _column_ece(labels, np.broadcast_to(probabilities[:, None], labels.shape))
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(ece, [tail, 100 - tail])
+    return {"mean": float(ece.mean()), "low": float(low), "high": float(high), "draws": draws, "seed": seed}
 
 
 def _at_threshold(labels: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, float]:
@@ -235,13 +350,16 @@ def _resample_indices(labels: np.ndarray, n_resamples: int, rng: np.random.Gener
 
 def _resampled_threshold_free(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
     """Threshold-free metrics of every resample; inputs are `[n, n_resamples]`, one resample per column."""
-    columns = range(labels.shape[1])
+    slope, citl = logistic_recalibration(labels, probabilities)
     return {
         "auroc": roc_auc_score(labels, probabilities, average=None),
         "auprc": average_precision_score(labels, probabilities, average=None),
-        # brier_score_loss and calibration_curve have no multilabel mode.
-        "brier": np.array([brier_score_loss(labels[:, c], probabilities[:, c]) for c in columns]),
-        "ece": np.array([expected_calibration_error(labels[:, c], probabilities[:, c]) for c in columns]),
+        # brier_score_loss and calibration_curve have no multilabel mode: computed here, column by column at once.
+        "brier": ((probabilities - labels) ** 2).mean(axis=0),
+        "ece": _column_ece(labels, probabilities),
+        "calibration_slope": slope,
+        "calibration_in_the_large": citl,
+        "mean_minus_prevalence": probabilities.mean(axis=0) - labels.mean(axis=0),
     }
 
 
@@ -280,10 +398,25 @@ def resampled_metrics(y_true, prob, threshold: float, indices: np.ndarray) -> di
     }
 
 
-def _interval(point: float, resampled: np.ndarray, level: float) -> dict[str, float]:
+def _interval(point: float, resampled: np.ndarray, level: float) -> dict[str, Any]:
+    """{value, low, high}; a metric undefined on some resamples (the calibration slope of a resample whose logits
+    separate the labels) takes its CI from the others and says how many were left out (`undefined`); an
+    undefined value or bound is None."""
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(resampled, [tail, 100 - tail])
-    return {"value": point, "low": float(low), "high": float(high)}
+    defined = resampled[np.isfinite(resampled)]
+    low, high = np.percentile(defined, [tail, 100 - tail]) if defined.size else (np.nan, np.nan)
+    interval: dict[str, Any] = {
+        "value": _finite_or_none(point),
+        "low": _finite_or_none(low),
+        "high": _finite_or_none(high),
+    }
+    if defined.size < resampled.size:
+        interval["undefined"] = int(resampled.size - defined.size)
+    return interval
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _check_bootstrap_options(n_resamples: int, level: float) -> None:
@@ -373,7 +506,12 @@ def evaluate(
             }
             for name, threshold in thresholds.items()
         },
-        "reliability": {"n_bins": ECE_BINS, "bins": reliability_bins(labels, probabilities)},
+        "reliability": {
+            "n_bins": ECE_BINS,
+            "bins": reliability_bins(labels, probabilities),
+            # What ECE to expect from a perfectly calibrated model with these probabilities on this many notes.
+            "ece_if_calibrated": ece_if_calibrated(probabilities, seed=seed, level=level),
+        },
         "bootstrap": {
             "method": "percentile",
             "n_resamples": n_resamples,

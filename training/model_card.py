@@ -1,4 +1,5 @@
-"""MODEL_CARD.md of a bundle: intended use, data, metrics with CIs, calibration, threshold, limitations."""
+"""MODEL_CARD.md of a bundle: intended use, data, metrics with CIs, calibration, threshold, limitations; and the
+section a site recalibration adds (`recalibrated_card`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from app.manifest import Manifest
 from training.data.examples import Examples
-from training.evaluate import METRIC_LABELS, THRESHOLD_POLICIES
+from training.evaluate import CALIBRATION_METRICS, METRIC_LABELS, THRESHOLD_POLICIES
 
 KTAS_PROVENANCE = (
     'Public KTAS data set of Moon et al., "Triage accuracy and causes of mistriage using the Korean Triage and '
@@ -65,9 +66,7 @@ def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], rep
         "",
         "## Calibration",
         "",
-        f"Brier score {_value(report['threshold_free']['brier'])}, expected calibration error (ECE, "
-        f"{report['reliability']['n_bins']} equal-width bins) {_value(report['threshold_free']['ece'])}: lower is "
-        "better. P(emergency) is the softmax output, not recalibrated; read it as a score, not as a risk.",
+        *_calibration(manifest, report),
         "",
         "## Decision threshold",
         "",
@@ -101,6 +100,95 @@ def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], rep
     return "\n".join(lines)
 
 
+def _calibration(manifest: Manifest, report: dict) -> list[str]:
+    calibration, metrics = manifest.calibration, report["threshold_free"]
+    summary = (
+        f"Brier score {_value(metrics['brier'])}, expected calibration error (ECE, "
+        f"{report['reliability']['n_bins']} equal-width bins) {_value(metrics['ece'])}: lower is better."
+    )
+    if calibration.method == "none":
+        return [summary + " P(emergency) is the softmax output, not recalibrated; read it as a score, not as a risk."]
+    lines = [
+        f"P(emergency) = sigmoid({calibration.scale:.4f} * (logit[emergency] - logit[non-emergency]) "
+        f"{calibration.bias:+.4f}): `{calibration.method}` scaling fitted on the {calibration.fitted_on} "
+        f"({calibration.notes} notes), applied by the service. On the test set: {summary}",
+    ]
+    before = report.get("uncalibrated", {}).get("threshold_free")
+    if before:
+        lines += [
+            "",
+            "| test metric | before (softmax) | after |",
+            "| --- | ---: | ---: |",
+            *(
+                f"| {METRIC_LABELS[name]} | {_value(before[name])} | {_value(metrics[name])} |"
+                for name in CALIBRATION_METRICS
+                if name in before and name in metrics
+            ),
+        ]
+    chance = report["reliability"].get("ece_if_calibrated")
+    if chance:
+        lines += [
+            "",
+            f"A perfectly calibrated model would still show an ECE of about {chance['mean']:.3f} "
+            f"({chance['low']:.3f} - {chance['high']:.3f}) on {report['counts']['n']} test notes.",
+        ]
+    return lines
+
+
+RECALIBRATED_NOTE = "> Recalibrated for a site"
+
+
+def recalibrated_card(card: str, manifest: Manifest) -> str:
+    """The source bundle's MODEL_CARD.md with a note under its title and a `## Site recalibration` section (an
+    earlier one is replaced): the calibration and threshold fitted on a site's notes supersede the card's."""
+    recalibration = manifest.recalibration
+    if recalibration is None:
+        raise ValueError("the manifest has no recalibration")
+    title, _, rest = card.split("\n## Site recalibration\n", 1)[0].partition("\n")
+    rest = rest.strip("\n")
+    if rest.startswith(RECALIBRATED_NOTE):  # a bundle recalibrated again: one note, one section
+        rest = rest.partition("\n")[2].strip("\n")
+    note = (
+        f"{RECALIBRATED_NOTE} as version {manifest.version} (from {recalibration.source_version}): the "
+        "calibration and decision threshold of the section *Site recalibration* replace those described below."
+    )
+    calibration, decision = manifest.calibration, manifest.decision
+    before, after = recalibration.before, recalibration.after
+    rows = [
+        f"| {METRIC_LABELS.get(name, name)} | {_value(before['metrics'][name])} ({_interval(before['metrics'][name])}) "
+        f"| {_value(after['metrics'][name])} ({_interval(after['metrics'][name])}) |"
+        for name in after["metrics"]
+        if name in before["metrics"]
+    ]
+    section = [
+        "## Site recalibration",
+        "",
+        f"Without retraining, calibration and threshold were refitted on {recalibration.notes} labelled notes of "
+        f"the site (`{recalibration.data_file}`, sha256 {recalibration.data_sha256[:12]}..., "
+        f"{recalibration.prevalence:.1%} emergency), split stratified (seed {recalibration.split_seed}) into "
+        f"{recalibration.fit_notes} notes to fit on and {recalibration.check_notes} held-out notes to check on.",
+        "",
+        f"- Calibration: `{calibration.method}`, P(emergency) = sigmoid({calibration.scale:.4f} * margin "
+        f"{calibration.bias:+.4f}).",
+        f"- Decision threshold: {decision.threshold:.4f}, policy `{decision.policy}` "
+        f"({THRESHOLD_POLICIES.get(decision.policy, 'set by the caller')}), chosen on the fit part.",
+        "",
+        f"Check part ({recalibration.check_notes} notes), 95% bootstrap CIs; before = the source bundle's "
+        f"calibration and threshold {before['threshold']:.4f}, after = the site's, threshold {after['threshold']:.4f}.",
+        "",
+        "| metric | before | after |",
+        "| --- | ---: | ---: |",
+        *rows,
+        "",
+    ]
+    return "\n".join([title, "", note, "", rest, "", *section])
+
+
+def _interval(metric: dict) -> str:
+    low, high = metric.get("low"), metric.get("high")
+    return "CI undefined" if low is None or high is None else f"{low:.3f} - {high:.3f}"
+
+
 def _limitations(manifest: Manifest, data_config: dict) -> list[str]:
     items = []
     if is_ktas(data_config):
@@ -127,13 +215,12 @@ def _teacher_corpus(teacher: str) -> str | None:
 
 def _rows(metrics: dict, suffix: str = "") -> list[str]:
     return [
-        f"| {METRIC_LABELS.get(name, name)}{suffix} | {_value(m)} | {m['low']:.3f} - {m['high']:.3f} |"
-        for name, m in metrics.items()
+        f"| {METRIC_LABELS.get(name, name)}{suffix} | {_value(m)} | {_interval(m)} |" for name, m in metrics.items()
     ]
 
 
 def _value(metric: dict) -> str:
-    return f"{metric['value']:.3f}"
+    return "undefined" if metric["value"] is None else f"{metric['value']:.3f}"
 
 
 def _figure(value: float | None, spec: str) -> str:

@@ -1,4 +1,8 @@
-"""The evaluation report as files: metrics.json, report.md, and ROC, PR and reliability PNGs."""
+"""The evaluation report as files: metrics.json, report.md, and ROC, PR and reliability PNGs.
+
+When the report holds `uncalibrated` (the model's own softmax on the same notes) and `calibration`, report.md
+compares the calibration metrics before and after calibration and reliability.png draws both curves.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +15,89 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from training.evaluate import METRIC_LABELS, checked_inputs
+from training.evaluate import CALIBRATION_METRICS, METRIC_LABELS, checked_inputs
 from training.run_dir import METRICS_FILE
+
+
+def _number(value: float | None, spec: str = ".3f") -> str:
+    return "undefined" if value is None else format(value, spec)
+
+
+def _ci(metric: Mapping) -> str:
+    undefined = f" ({metric['undefined']} resamples undefined)" if metric.get("undefined") else ""
+    return f"{_number(metric['low'])} – {_number(metric['high'])}{undefined}"  # noqa: RUF001 (an en dash)
 
 
 def _metric_table(metrics: Mapping[str, Mapping[str, float]], level: float) -> list[str]:
     rows = [f"| metric | value | {level:.0%} CI |", "| --- | ---: | ---: |"]
-    rows += [
-        f"| {METRIC_LABELS.get(name, name)} | {m['value']:.3f} | {m['low']:.3f} – {m['high']:.3f} |"  # noqa: RUF001 (an en dash)
-        for name, m in metrics.items()
-    ]
+    rows += [f"| {METRIC_LABELS.get(name, name)} | {_number(m['value'])} | {_ci(m)} |" for name, m in metrics.items()]
     return rows
+
+
+def _calibration_section(report: Mapping, level: float) -> list[str]:
+    """Calibration before and after, with ECE's chance level; empty when the report has no calibration."""
+    if "calibration" not in report or "uncalibrated" not in report:
+        return []
+    calibration = report["calibration"]
+    if calibration["method"] == "none":
+        fitted = "None: P(emergency) is the model's own softmax."
+    else:
+        fitted = (
+            f"`{calibration['method']}` fitted on the {calibration['fitted_on']} ({calibration['notes']} notes): "
+            f"P(emergency) = sigmoid({calibration['scale']:.4f} * (logit[emergency] - logit[non-emergency]) "
+            f"{calibration['bias']:+.4f})."
+        )
+    selection = report.get("calibration_selection", {})
+    if "cv_nll" in selection:
+        nll = ", ".join(f"{name} {value:.4f}" for name, value in selection["cv_nll"].items())
+        fitted += (
+            f" Chosen by {selection['folds']}-fold cross-validated NLL on those notes ({nll}): {selection['rule']}."
+        )
+    before, after = report["uncalibrated"], report
+    lines = [
+        "",
+        "## Calibration",
+        "",
+        fitted,
+        "Thresholds are chosen on the calibrated validation probabilities; every metric above and below the "
+        "thresholds is of the calibrated probabilities.",
+        "",
+        f"| metric | before (softmax) | {level:.0%} CI | after | {level:.0%} CI |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name in CALIBRATION_METRICS:
+        b, a = before["threshold_free"][name], after["threshold_free"][name]
+        lines.append(f"| {METRIC_LABELS[name]} | {_number(b['value'])} | {_ci(b)} | {_number(a['value'])} | {_ci(a)} |")
+    chance = after["reliability"].get("ece_if_calibrated")
+    if chance:
+        lines += [
+            "",
+            f"ECE of a perfectly calibrated model with these probabilities on these {report['counts']['n']} notes "
+            f"(labels drawn as Bernoulli(P), {chance['draws']} draws): {chance['mean']:.3f} on average, "
+            f"{chance['low']:.3f} – {chance['high']:.3f} in {level:.0%} of draws; an ECE within that range is what "  # noqa: RUF001
+            "chance alone gives at this test size.",
+        ]
+    return lines
+
+
+def _policy_summary(report: Mapping) -> list[str]:
+    """One row per threshold policy: what it catches and the specificity it costs."""
+    shipped = report.get("decision", {}).get("policy")
+    lines = [
+        "",
+        "## Threshold policies",
+        "",
+        "| policy | threshold | sensitivity | specificity | missed emergencies | false alarms | shipped |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, policy in report["thresholds"].items():
+        metrics, cm = policy["metrics"], policy["confusion_matrix"]
+        lines.append(
+            f"| `{name}` | {policy['threshold']:.4f} | {_number(metrics['sensitivity']['value'])} | "
+            f"{_number(metrics['specificity']['value'])} | {cm['fn']} | {cm['fp']} | "
+            f"{'yes' if name == shipped else ''} |"
+        )
+    return lines
 
 
 def _markdown(report: Mapping, title: str) -> str:
@@ -39,6 +115,8 @@ def _markdown(report: Mapping, title: str) -> str:
         "## Threshold-free metrics",
         "",
         *_metric_table(report["threshold_free"], level),
+        *_calibration_section(report, level),
+        *(_policy_summary(report) if report["thresholds"] else []),
     ]
     for name, policy in report["thresholds"].items():
         cm = policy["confusion_matrix"]
@@ -121,12 +199,27 @@ def _plot_reliability(report: Mapping, labels: np.ndarray, probabilities: np.nda
     figure = _new_figure(figsize=(6, 8), layout="constrained")
     curve_ax, histogram_ax = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     curve_ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    calibrated = "uncalibrated" in report and "calibration" in report
+    if calibrated:
+        before = report["uncalibrated"]
+        before_bins, before_metrics = before["reliability"]["bins"], before["threshold_free"]
+        curve_ax.plot(
+            [b["mean_predicted"] for b in before_bins],
+            [b["fraction_positive"] for b in before_bins],
+            "s--",
+            color="tab:orange",
+            lw=1.5,
+            label=f"before: softmax (ECE = {before_metrics['ece']['value']:.3f}, "
+            f"Brier = {before_metrics['brier']['value']:.3f})",
+        )
+    name = f"after: {report['calibration']['method']}" if calibrated else "model"
     curve_ax.plot(
         [b["mean_predicted"] for b in bins],
         [b["fraction_positive"] for b in bins],
         "o-",
         lw=2,
-        label=f"model (ECE = {metrics['ece']['value']:.3f}, Brier = {metrics['brier']['value']:.3f})",
+        color="tab:blue",
+        label=f"{name} (ECE = {metrics['ece']['value']:.3f}, Brier = {metrics['brier']['value']:.3f})",
     )
     curve_ax.set(
         xlim=(0, 1),
@@ -145,14 +238,16 @@ def _plot_reliability(report: Mapping, labels: np.ndarray, probabilities: np.nda
         color=["tab:blue", "tab:red"],
         alpha=0.8,
     )
-    histogram_ax.set(xlabel="predicted P(emergency)", ylabel="notes")
+    histogram_ax.set(xlabel="predicted P(emergency)" + (" after calibration" if calibrated else ""), ylabel="notes")
     histogram_ax.margins(y=0.4)  # headroom for the legend above the bars
     histogram_ax.legend(loc="upper left", ncols=2)
     figure.savefig(path, dpi=120)
 
 
 def write_report(report: dict, y_true, prob, out_dir: str | Path, title: str) -> None:
-    """Write `metrics.json`, `report.md`, `roc.png`, `pr.png` and `reliability.png` into `out_dir`."""
+    """Write `metrics.json`, `report.md`, `roc.png`, `pr.png` and `reliability.png` into `out_dir`.
+
+    `prob` are the probabilities the report describes (calibrated, when the report holds a calibration)."""
     labels, probabilities = checked_inputs(y_true, prob)
     if labels.size != report["counts"]["n"]:
         raise ValueError(f"report was made from {report['counts']['n']} rows but y_true has {labels.size}")

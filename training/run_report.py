@@ -9,6 +9,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from app.inference import calibrated_probability
+from training.calibration import calibration_dict, choose_calibration, margins_of
 from training.config import THRESHOLD_POLICIES, DataArguments, EvalArguments, RenderStyle, SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_examples, load_parts
@@ -45,8 +47,16 @@ def evaluate_run(
     checkpoint = run.checkpoint(metric)
     model = to_device(load_student(str(checkpoint)), device)
     tokenizer = load_tokenizer(str(checkpoint))
-    valid_prob, _ = predict_proba(model, tokenizer, parts["valid"].texts, 64, max_length, device)
-    test_prob, _ = predict_proba(model, tokenizer, test.texts, 64, max_length, device)
+    _, valid_logits = predict_proba(model, tokenizer, parts["valid"].texts, 64, max_length, device)
+    raw_test_prob, test_logits = predict_proba(model, tokenizer, test.texts, 64, max_length, device)
+    # Calibration is fitted on the validation split, then applied to validation and test as the service applies it
+    # (app.inference); thresholds are chosen on the calibrated validation probabilities.
+    valid_margins, test_margins = margins_of(valid_logits), margins_of(test_logits)
+    calibration, selection = choose_calibration(
+        valid_margins, parts["valid"].labels, eval_args.calibration, fitted_on="validation split"
+    )
+    valid_prob = calibrated_probability(valid_margins, calibration)
+    test_prob = calibrated_probability(test_margins, calibration)
 
     thresholds: dict[str, float] = {
         policy: choose_threshold(
@@ -60,6 +70,14 @@ def evaluate_run(
     }
     report = evaluate(test.labels, test_prob, thresholds, eval_args.bootstrap, eval_args.bootstrap_seed)
     report["checkpoint"] = {"metric": metric, "path": run.relative(checkpoint)}
+    # The model's own softmax on the same test notes and bootstrap resamples: calibration before and after.
+    uncalibrated = evaluate(test.labels, raw_test_prob, {}, eval_args.bootstrap, eval_args.bootstrap_seed)
+    report["uncalibrated"] = {
+        "threshold_free": uncalibrated["threshold_free"],
+        "reliability": uncalibrated["reliability"],
+    }
+    report["calibration"] = calibration_dict(calibration)  # read by the export into the manifest
+    report["calibration_selection"] = selection
     if render:
         report["render"] = {"style": render, "seed": run.data_arguments().render_seed}
     if not external and not render:

@@ -80,12 +80,54 @@ def test_base_run_learns_and_writes_everything(base_run):
     )
     decision = run.decision(run.checkpoint("auroc"))
     assert decision == report["decision"]
-    assert decision["policy"] == "prevalence"
-    assert decision["threshold"] == pytest.approx(0.5, abs=0.02)  # synthetic notes are half emergencies
+    assert (decision["policy"], decision["target_sensitivity"]) == ("target-sensitivity", 0.95)  # the default
+    assert decision["threshold"] == report["thresholds"]["target-sensitivity"]["threshold"]
+    # synthetic notes are half emergencies
+    assert report["thresholds"]["prevalence"]["threshold"] == pytest.approx(0.5, abs=0.02)
     assert report["checkpoint"] == {"metric": "auroc", "path": run.relative(run.checkpoint("auroc"))}
     # The decision threshold is stored once: in the test report, not in the checkpoint.
     info = json.loads(run.checkpoint_info_file(run.checkpoint("auroc")).read_text())
     assert set(info) == {"epoch", "valid"} and set(info["valid"]) == {"auroc", "brier", "loss", "f1"}
+
+
+def test_evaluation_calibrates_on_validation_and_thresholds_the_calibrated_probabilities(base_run):
+    from app.inference import calibrated_probability
+    from app.manifest import Calibration
+    from training.data.loading import load_parts
+    from training.evaluate import choose_threshold
+
+    run = RunDirectory(base_run)
+    report = json.loads(run.metrics_file().read_text())
+    parts = load_parts(run.data_arguments())
+    calibration = Calibration.model_validate(report["calibration"])  # exactly the manifest's fields
+    assert (
+        calibration.method in ("temperature", "platt")
+        and report["calibration_selection"]["chosen"] == calibration.method
+    )
+    assert (calibration.fitted_on, calibration.notes) == ("validation split", len(parts["valid"]))
+    checkpoint = run.checkpoint("auroc")
+    model, tokenizer = load_student(str(checkpoint)), load_tokenizer(str(checkpoint))
+    _, valid_logits = predict_proba(model, tokenizer, parts["valid"].texts, max_length=64)
+    _, test_logits = predict_proba(model, tokenizer, parts["test"].texts, max_length=64)
+    valid_prob = calibrated_probability(valid_logits[:, 1] - valid_logits[:, 0], calibration)
+    assert report["decision"]["threshold"] == pytest.approx(
+        choose_threshold("target-sensitivity", valid_labels=parts["valid"].labels, valid_prob=valid_prob), abs=1e-5
+    )
+    predictions = pd.read_csv(run.predictions_file())
+    np.testing.assert_allclose(
+        predictions["p_emergency"],
+        calibrated_probability(test_logits[:, 1] - test_logits[:, 0], calibration),
+        atol=1e-6,
+    )
+    before, after = report["uncalibrated"]["threshold_free"], report["threshold_free"]
+    for name in ("brier", "ece", "calibration_slope", "calibration_in_the_large", "mean_minus_prevalence"):
+        assert name in before and name in after
+    assert before["auroc"]["value"] == pytest.approx(after["auroc"]["value"], abs=1e-3)  # a monotone map
+    assert "ece_if_calibrated" in report["reliability"] and "ece_if_calibrated" in report["uncalibrated"]["reliability"]
+    markdown = (base_run / "eval" / "report.md").read_text()
+    for expected in ("## Calibration", "before (softmax)", "perfectly calibrated model", "## Threshold policies"):
+        assert expected in markdown
+    assert "| `target-sensitivity` |" in markdown and "| yes |" in markdown
 
 
 def test_only_best_epochs_are_kept_on_disk(base_run):
