@@ -22,8 +22,9 @@ TINY_MAX_TOKENS = 64
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory, notes, tiny_bert_dir) -> Path:
     """A bundle of the tiny fixture BERT fine-tuned on the SYNTHETIC notes (trained at 64 tokens, read up to its
-    128 positions; threshold policy prevalence) holding all three variants (fp32, int8, fp16): exported with an
-    AUROC tolerance of 1 so that no variant is dropped. Read-only: tests that damage it work on a copy."""
+    128 positions; calibrated, threshold policy target-sensitivity) holding all three variants (fp32, int8,
+    fp16): exported with an AUROC tolerance of 1 so that no variant is dropped. Read-only: tests that damage it
+    work on a copy."""
     root = tmp_path_factory.mktemp("tiny-bundle")
     data = root / "synthetic_notes.csv"
     pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
