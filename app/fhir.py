@@ -135,16 +135,19 @@ _EXAMPLE_NOTE = {
         **{
             status: {"description": description, "content": {FHIR_JSON: {"schema": {"type": "object"}}}}
             for status, description in [
-                (400, "OperationOutcome: body not JSON, or not a valid FHIR resource (incl. bad base64)."),
+                (
+                    400,
+                    "OperationOutcome: body not JSON (or nested too deep, a number too long, bad gzip), not a valid "
+                    "FHIR resource (incl. bad base64), or a subject/encounter parameter that is not a reference.",
+                ),
                 (401, "OperationOutcome: missing or invalid bearer token (when api_keys are set)."),
+                (408, "OperationOutcome: body not received within body_timeout_s."),
                 (413, "OperationOutcome: body, note count, note length or note tokens over the limit."),
-                (415, "OperationOutcome: request Content-Type is not FHIR JSON."),
+                (415, "OperationOutcome: request Content-Type is not FHIR JSON, or Content-Encoding not gzip."),
                 (
                     422,
-                    (
-                        "OperationOutcome: unsupported resource or attachment type, no note text, no subject, "
-                        "undecodable text."
-                    ),
+                    "OperationOutcome: unsupported resource or attachment type or charset, no note text, blank text, "
+                    "no subject, undecodable text, or a note not about the requested subject/encounter.",
                 ),
                 (429, "OperationOutcome: queue full; retry after Retry-After seconds."),
                 (503, "OperationOutcome: model not loaded, shutting down, or timed out."),

@@ -50,6 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
         RequestBodyMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
+        json_routes=[route for route in routes if "POST" in (route.methods or ())],
         error_response=fhir.body_error,
     )
     app.add_middleware(

@@ -30,7 +30,6 @@ _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response
 # Where the HTTP server (app.server) records a status it sent itself, e.g. 400 for a malformed chunked body.
 SERVER_STATUS = "server_status"
-BODY_METHODS = ("POST", "PUT", "PATCH")
 JSON_MEDIA_TYPES = ("application/json", "application/fhir+json")
 MAX_JSON_DEPTH = 64  # FHIR resources here nest about 8 deep
 MAX_NUMBER_DIGITS = 64
@@ -147,7 +146,8 @@ class RequestBodyMiddleware:
     """Reads the whole request body before the app does, and refuses, worded by `error_response` for the path
     asked (an OperationOutcome for the FHIR endpoint):
 
-    - 415: a POST/PUT/PATCH whose Content-Type is not JSON, or a Content-Encoding other than gzip/identity;
+    - 415: a request for a route in `json_routes` whose Content-Type is not JSON, or any request with a
+      Content-Encoding other than gzip/identity (a method a route does not take is left to the router: 405);
     - 408: a body not received within `body_timeout_s` (a slow client, or a Content-Length larger than the body);
     - 413: a body over `max_body_bytes`, as sent or once gunzipped (checked while reading and decompressing);
     - 400: a body that is not UTF-8, not valid gzip, nested deeper than MAX_JSON_DEPTH or holding a number of
@@ -157,11 +157,17 @@ class RequestBodyMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float, error_response: ErrorResponse = json_error
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        json_routes: list[APIRoute],
+        error_response: ErrorResponse = json_error,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.json_routes = json_routes  # the routes that read a JSON body: a request for one must say so
         self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -188,7 +194,8 @@ class RequestBodyMiddleware:
     async def _checked_body(self, scope: Scope, receive: Receive) -> bytes | None:
         headers = Headers(scope=scope)
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if scope["method"] in BODY_METHODS and media_type not in JSON_MEDIA_TYPES:
+        takes_json = any(route.matches(scope)[0] is Match.FULL for route in self.json_routes)
+        if takes_json and media_type not in JSON_MEDIA_TYPES:
             raise _Refused(415, f"Content-Type must be {' or '.join(JSON_MEDIA_TYPES)}")
         encoding = headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("identity", "gzip"):

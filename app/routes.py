@@ -25,9 +25,11 @@ def _error(description: str) -> dict[str, Any]:
     dependencies=[Depends(require_api_key)],
     summary="Classify triage notes as emergency or non-emergency",
     responses={
-        400: _error("Body is not valid UTF-8."),
+        400: _error("Body not valid UTF-8, JSON or gzip; JSON nested too deep or a number too long."),
         401: _error("Missing or invalid bearer token (when api_keys are set)."),
-        413: _error("Body, note count, note length or note tokens over the limit."),
+        408: _error("Body not received within body_timeout_s."),
+        413: _error("Body, note count or note length over the limit; note tokens over it with truncation refuse."),
+        415: _error("Content-Type not application/json, or Content-Encoding other than gzip."),
         429: _error("Queue full; retry after Retry-After seconds."),
         500: _error("The model failed."),
         503: _error("Model not loaded, shutting down, or timed out waiting for the model."),
