@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from collections.abc import Callable
 from typing import Annotated, Any, Optional
 
@@ -70,6 +71,9 @@ def serve(settings: Settings) -> None:
 
     from app.logs import configure_logging
 
+    # Before ONNX Runtime loads: its telemetry uploader (1.29 and later, Linux) would phone home from a hospital
+    # network and warn on every start where it cannot keep a device id. An operator's own setting wins.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         from app.main import create_app
         from app.server import server_options
