@@ -3,7 +3,7 @@ as well as the template, and are its probabilities calibrated on each?
 
     python -m training fit --data ktas --render shorthand ... --out runs/renderings/shorthand   (see docs/results)
     python -m training fit --data ktas --render mixed ... --out runs/renderings/mixed
-    python -m experiments.renderings --runs runs/renderings/shorthand runs/renderings/mixed --docs docs/results
+    python -m experiments.renderings runs/renderings/shorthand runs/renderings/mixed --docs docs/results
 
 Each run is scored as it would be deployed: its best checkpoint, the calibration fitted on its own validation
 split and its shipped decision threshold (both from its eval/metrics.json), on its own test split rendered in
@@ -61,7 +61,7 @@ def cell(metric: dict[str, Any], digits: int = 3) -> str:
 
 
 def main(
-    runs: list[Path] = typer.Option(..., help="Run directories (fit --out), e.g. trained on shorthand and mixed."),
+    runs: list[Path] = typer.Argument(..., help="Run directories (fit --out), e.g. trained on shorthand and mixed."),
     docs: Path = typer.Option(Path("docs/results"), help="Where renderings.md, .json and the figure go."),
 ) -> None:
     results: dict[str, dict[str, Any]] = {}
