@@ -16,8 +16,6 @@ import os
 import statistics
 import time
 
-import numpy as np
-
 from app.batching import plan_batches
 from app.bundle import load_bundle
 from app.inference import NoteClassifier
@@ -75,12 +73,14 @@ def main() -> None:
     queue = [long_note] * 40 + notes[:200]
     lengths = [len(note.ids) for note in classifier.encode(queue)]
     batches = plan_batches(lengths, args.max_batch_size, args.max_batch_tokens)
-    padded = [len(batch) * max(lengths[i] for i in batch) for batch in batches]
+    longest = [max(lengths[i] for i in batch) for batch in batches]
+    padded = [len(batch) * most for batch, most in zip(batches, longest, strict=True)]
+    long_batches = [len(batch) for batch, most in zip(batches, longest, strict=True) if most == max(lengths)]
     print(
         f"\nbatcher plan for {len(queue)} queued notes (40 of {max(lengths)} tokens, 200 real ones): {len(batches)} "
         f"batches, most padded tokens in one batch {max(padded)} (budget {args.max_batch_tokens}: "
-        f"{'held' if max(padded) <= args.max_batch_tokens else 'EXCEEDED'}); notes per batch of long notes "
-        f"{int(np.median([len(b) for b, p in zip(batches, padded, strict=True) if p >= 500]))}"
+        f"{'held' if max(padded) <= args.max_batch_tokens else 'EXCEEDED'}); batches holding the long notes have "
+        f"{', '.join(map(str, long_batches))} notes"
     )
 
 
