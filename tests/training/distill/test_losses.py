@@ -123,13 +123,9 @@ def run(case, normalizer=None):
     return case.loss(case.student[0], case.student[1], case.student_index, case.word_mask, features, normalizer)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("hidden_loss", ["mse", "cosine"])
-@pytest.mark.parametrize("attention_loss", ["mse", "kl"])
-def test_loss_matches_the_per_word_loop(shape, hidden_loss, attention_loss):
-    case = make_case(shape, hidden_loss, attention_loss, words_per_note=[3, 1, 0, 4])
-    output = run(case)
-    expected_total, expected_hidden, expected_attention = reference_loss(
+def reference_loss_of(case):
+    """`reference_loss` on a case's tensors and the vectorized loss's own layer map, projection and options."""
+    return reference_loss(
         case.student,
         case.teacher,
         case.student_index,
@@ -140,6 +136,15 @@ def test_loss_matches_the_per_word_loop(shape, hidden_loss, attention_loss):
         case.options,
         case.loss.average_heads,
     )
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("hidden_loss", ["mse", "cosine"])
+@pytest.mark.parametrize("attention_loss", ["mse", "kl"])
+def test_loss_matches_the_per_word_loop(shape, hidden_loss, attention_loss):
+    case = make_case(shape, hidden_loss, attention_loss, words_per_note=[3, 1, 0, 4])
+    output = run(case)
+    expected_total, expected_hidden, expected_attention = reference_loss_of(case)
     assert output.num_words == 8
     torch.testing.assert_close(output.hidden, expected_hidden.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(output.attention, expected_attention.detach(), rtol=1e-5, atol=1e-5)
@@ -158,17 +163,7 @@ def test_gradients_match_the_loop_and_reach_only_the_student(hidden_loss, attent
 
     for tensor in [*case.student[0], *case.student[1], *case.loss.parameters()]:
         tensor.grad = None
-    reference_loss(
-        case.student,
-        case.teacher,
-        case.student_index,
-        case.teacher_index,
-        case.word_mask,
-        case.loss.layer_map,
-        case.loss.projection,
-        case.options,
-        case.loss.average_heads,
-    )[0].backward()
+    reference_loss_of(case)[0].backward()
     looped = [t.grad for t in [*case.student[0], *case.student[1]] if t.grad is not None]
     assert len(looped) == len(vectorized) == 2 * len(case.loss.layer_map)
     for got, want in zip(vectorized, looped, strict=True):
