@@ -23,11 +23,12 @@ small split).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 from scipy.optimize import minimize
-from sklearn.model_selection import StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from app.manifest import Calibration
 from training.config import CalibrationMethod
@@ -125,19 +126,29 @@ def fit_calibration(
     return Calibration(method=method, scale=scale, bias=bias, fitted_on=fitted_on, notes=int(m.size))
 
 
-def cross_validated_nll(margins: Any, labels: Any, folds: int = FOLDS, seed: int = 0) -> dict[str, np.ndarray]:
+def cross_validated_nll(
+    margins: Any, labels: Any, folds: int = FOLDS, seed: int = 0, groups: Any = None
+) -> dict[str, np.ndarray]:
     """Every note's out-of-fold NLL (true 0/1 labels) under each fitted method, from stratified k-fold CV;
-    `folds` shrinks to the size of the smaller class when that is smaller (at least 2)."""
+    `folds` shrinks to the size of the smaller class when that is smaller (at least 2). Notes sharing a group
+    (renderings of one record) stay in one fold, so no fold is scored on a record it was fitted on."""
     m, y = _checked(margins, labels)
     k = max(2, min(folds, int(y.sum()), int(y.size - y.sum())))
     result = {method: np.zeros(m.size) for method in FITTED}
-    for fit_rows, held_rows in StratifiedKFold(k, shuffle=True, random_state=seed).split(m, y):
+    for fit_rows, held_rows in cv_folds(y, k, seed, groups):
         if y[fit_rows].min() == y[fit_rows].max():  # only possible with a class of one note
             raise ValueError("calibration needs at least two notes of each class")
         for method in FITTED:
             scale, bias = _fit(m[fit_rows], y[fit_rows], method)
             result[method][held_rows] = negative_log_likelihood(m[held_rows], y[held_rows], scale, bias)
     return result
+
+
+def cv_folds(labels: np.ndarray, k: int, seed: int, groups: Any = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(fitting rows, held-out rows) of stratified k-fold CV, keeping each group's notes in one fold."""
+    if groups is None:
+        return StratifiedKFold(k, shuffle=True, random_state=seed).split(labels, labels)
+    return StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(labels, labels, groups)
 
 
 def choose_calibration(
@@ -147,13 +158,15 @@ def choose_calibration(
     fitted_on: str | None = None,
     folds: int = FOLDS,
     seed: int = 0,
+    groups: Any = None,
 ) -> tuple[Calibration, dict[str, Any]]:
     """The calibration of `choice` fitted on all the notes given; `auto` picks temperature or Platt by
-    cross-validation (see the module's docstring). Returns (calibration, how it was chosen)."""
+    cross-validation (see the module's docstring; `groups`: see `cross_validated_nll`). Returns (calibration,
+    how it was chosen)."""
     m, y = _checked(margins, labels)
     selection: dict[str, Any] = {"asked": choice}
     if choice == "auto":
-        nll = cross_validated_nll(m, y, folds, seed)
+        nll = cross_validated_nll(m, y, folds, seed, groups)
         difference = nll["temperature"] - nll["platt"]  # > 0: Platt better on that note
         standard_error = float(difference.std(ddof=1) / np.sqrt(difference.size))
         improvement = float(difference.mean())

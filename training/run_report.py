@@ -14,6 +14,7 @@ from training.calibration import calibration_dict, choose_calibration, margins_o
 from training.config import THRESHOLD_POLICIES, DataArguments, EvalArguments, RenderStyle, SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_examples, load_parts
+from training.data.render import calibration_examples
 from training.evaluate import choose_threshold, evaluate
 from training.modeling import load_student, load_tokenizer, to_device
 from training.predict import predict_proba
@@ -47,13 +48,18 @@ def evaluate_run(
     checkpoint = run.checkpoint(metric)
     model = to_device(load_student(str(checkpoint)), device)
     tokenizer = load_tokenizer(str(checkpoint))
-    _, valid_logits = predict_proba(model, tokenizer, parts["valid"].texts, 64, max_length, device)
+    valid = calibration_examples(parts["valid"])
+    _, valid_logits = predict_proba(model, tokenizer, valid.texts, 64, max_length, device)
     raw_test_prob, test_logits = predict_proba(model, tokenizer, test.texts, 64, max_length, device)
     # Calibration is fitted on the validation split, then applied to validation and test as the service applies it
     # (app.inference); thresholds are chosen on the calibrated validation probabilities.
     valid_margins, test_margins = margins_of(valid_logits), margins_of(test_logits)
     calibration, selection = choose_calibration(
-        valid_margins, parts["valid"].labels, eval_args.calibration, fitted_on="validation split"
+        valid_margins,
+        valid.labels,
+        eval_args.calibration,
+        fitted_on="validation split" if valid is parts["valid"] else "validation split, every record in every style",
+        groups=valid.row_ids,
     )
     valid_prob = calibrated_probability(valid_margins, calibration)
     test_prob = calibrated_probability(test_margins, calibration)
@@ -62,7 +68,7 @@ def evaluate_run(
         policy: choose_threshold(
             policy,
             train_labels=parts["train"].labels,
-            valid_labels=parts["valid"].labels,
+            valid_labels=valid.labels,
             valid_prob=valid_prob,
             target_sensitivity=eval_args.target_sensitivity,
         )

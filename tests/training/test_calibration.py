@@ -5,7 +5,7 @@ import pytest
 
 from app.inference import calibrated_probability
 from app.manifest import Calibration
-from training.calibration import choose_calibration, cross_validated_nll, fit_calibration
+from training.calibration import choose_calibration, cross_validated_nll, cv_folds, fit_calibration
 from training.evaluate import ece_if_calibrated, evaluate, logistic_recalibration
 
 
@@ -78,6 +78,18 @@ def test_cross_validation_scores_every_note_out_of_fold():
     assert all(values.shape == (300,) and (values > 0).all() for values in nll.values())
     # Fewer notes of a class than folds: as many folds as that class has notes.
     assert choose_calibration(margins[:12], np.array([1, 0] * 3 + [0] * 6), "auto")[1]["folds"] == 3
+
+
+def test_renderings_of_one_record_stay_in_one_fold():
+    margins, labels = synthetic(120, 1.0, 0.0, seed=5)
+    records = np.arange(120)
+    labels, records = np.tile(labels, 3), np.tile(records, 3)  # each record rendered in three styles
+    folds = list(cv_folds(labels, 5, seed=0, groups=records))
+    assert len(folds) == 5
+    for fit_rows, held_rows in folds:
+        assert not set(records[fit_rows]) & set(records[held_rows])
+    nll = cross_validated_nll(np.tile(margins, 3), labels, groups=records)
+    assert all(values.shape == (360,) for values in nll.values())
 
 
 def test_calibration_needs_both_classes():

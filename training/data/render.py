@@ -571,3 +571,18 @@ def render_examples(examples: Examples, style: RenderStyle, seed: int = 0) -> Ex
         raise DataError(f"{examples.source}: --render needs KTAS records (--data ktas or --data-format ktas)")
     rendering = replace(examples.rendering, style=style, seed=seed)
     return replace(examples, texts=rendering.texts(examples.row_ids), rendering=rendering)
+
+
+def calibration_examples(valid: Examples) -> Examples:
+    """The notes that calibration and the decision threshold are fitted on: the validation split as it is, or,
+    for `mixed`, every validation record in every style. A `mixed` model serves all three styles, so its
+    probabilities and threshold should hold on each; the epoch-0 draw shows each record in one style only."""
+    if valid.rendering is None or not valid.rendering.per_epoch:
+        return valid
+    styles = [render_examples(valid, style, valid.rendering.seed) for style in FIXED_STYLES]
+    return replace(
+        valid,
+        texts=[text for part in styles for text in part.texts],
+        labels=np.concatenate([part.labels for part in styles]),
+        row_ids=np.concatenate([part.row_ids for part in styles]),
+    )

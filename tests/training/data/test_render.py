@@ -39,6 +39,7 @@ from training.data.render import (
     Facts,
     Rendering,
     abbreviate,
+    calibration_examples,
     expand_abbreviations,
     korean_gloss,
     mixed_style,
@@ -300,6 +301,19 @@ def test_mixed_training_notes_are_redrawn_per_epoch_validation_fixed():
     fixed = load_parts(DataArguments(data="ktas", render="narrative"))["train"]
     assert fixed.for_epoch(3) is fixed
     assert parts["valid"].texts == load_parts(DataArguments(data="ktas", render="mixed"))["valid"].texts
+
+
+def test_a_mixed_model_is_calibrated_on_every_validation_record_in_every_style():
+    valid = load_parts(DataArguments(data="ktas", render="mixed"))["valid"]
+    fitting = calibration_examples(valid)
+    n = len(valid)
+    assert len(fitting) == 3 * n
+    assert fitting.row_ids.tolist() == valid.row_ids.tolist() * 3
+    assert fitting.labels.tolist() == valid.labels.tolist() * 3
+    for i, style in enumerate(FIXED_STYLES):
+        assert fitting.texts[i * n : (i + 1) * n] == render_examples(valid, style).texts
+    fixed = load_parts(DataArguments(data="ktas", render="ko"))["valid"]
+    assert calibration_examples(fixed) is fixed
 
 
 def test_render_options_are_checked():
