@@ -1,11 +1,11 @@
 """Timings of word-level distillation (run from the repository root: `python -m benchmarks.kd_loss`).
 
 Sections:
-1. loss: the vectorized `MultiLevelDistillLoss` against Python loops of the original design
-   (for each note, for each word: pool every mapped layer, project, compare), forward + backward
-   on random inputs. The loop is timed as originally written (words indexed out of the batch
-   outputs) and in its best case (each note split off first). The loop's loss value is checked
-   against the vectorized one.
+1. loss: the vectorized `MultiLevelDistillLoss` (MSE losses, heads averaged) against Python loops of
+   the original design (for each note, for each word: pool every mapped layer, project, compare),
+   forward + backward on random inputs. The loop is timed as originally written (words indexed out
+   of the batch outputs) and in its best case (each note split off first). The loop's loss value is
+   checked against the vectorized one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import BertConfig
 
+from training.config import DistillArguments
 from training.distill.losses import MultiLevelDistillLoss, TeacherWordFeatures
 
 
@@ -84,9 +85,10 @@ def random_loss_inputs(shape: LossShape, loss: MultiLevelDistillLoss, seed: int 
     ]
     mapped = len(loss.layer_map)
     teacher_heads = 1 if loss.average_heads else shape.teacher_heads
+    attention = torch.rand(mapped, b, teacher_heads, w, w, generator=generator)
     teacher = TeacherWordFeatures(
         hidden=torch.randn(mapped, b, w, shape.teacher_width, generator=generator),
-        attention=torch.rand(mapped, b, teacher_heads, w, w, generator=generator) / w,
+        attention=attention / attention.sum(-1, keepdim=True),  # rows renormalised over the words, as compared
     )
     word_mask = torch.ones(b, w, dtype=torch.bool)
     return LossInputs(hidden_states, attentions, random_word_index(shape, generator), word_mask, teacher)
@@ -115,12 +117,15 @@ def looped_loss(loss: MultiLevelDistillLoss, inputs: LossInputs, notes: int, spl
         aligned += words
         tokens = [(inputs.word_index[b] == w).nonzero().flatten() for w in range(words)]
         for w in range(words):
-            student_hidden = torch.stack([layer[b][tokens[w]].mean(0) for layer in hidden])
-            hidden_total += (loss.projection(student_hidden) - inputs.teacher.hidden[:, b, w]).pow(2).mean()
+            student_hidden = torch.stack(
+                [project(layer[b][tokens[w]].mean(0)) for project, layer in zip(loss.projections, hidden, strict=True)]
+            )
+            hidden_total += (student_hidden - inputs.teacher.hidden[:, b, w]).pow(2).mean()
             rows = torch.stack([layer[b][:, tokens[w]].mean(1) for layer in attention])
             if loss.average_heads:
                 rows = rows.mean(1, keepdim=True)
             student_row = torch.stack([rows[..., tokens[v]].sum(-1) for v in range(words)], dim=-1)
+            student_row = student_row / student_row.sum(-1, keepdim=True)
             attention_total += (student_row - inputs.teacher.attention[:, b, :, w]).pow(2).mean()
     return loss.options.alpha * hidden_total / aligned + loss.options.beta * attention_total / aligned
 
@@ -133,7 +138,7 @@ def loss_section(shape: LossShape, repeats: int, loop_repeats: int, original_loo
         num_hidden_layers=shape.teacher_layers, hidden_size=shape.teacher_width, num_attention_heads=shape.teacher_heads
     )
     torch.manual_seed(0)
-    loss = MultiLevelDistillLoss(student, teacher)
+    loss = MultiLevelDistillLoss(student, teacher, DistillArguments(hidden_loss="mse", attention_loss="mse"))
     inputs = random_loss_inputs(shape, loss)
     leaves = [*inputs.hidden_states, *inputs.attentions, *loss.parameters()]
 
@@ -182,7 +187,7 @@ def loss_section(shape: LossShape, repeats: int, loop_repeats: int, original_loo
 
 
 def step_section(student: str, teacher: str, batch_size: int, repeats: int, freeze_embeddings: bool) -> None:
-    from training.config import DistillArguments, ModelArguments
+    from training.config import ModelArguments
     from training.data.ktas import load_ktas
     from training.distill.objective import build_distill_objective
     from training.modeling import load_student, load_tokenizer, parameter_groups

@@ -21,6 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 from training.errors import ConfigError
 
 __all__ = [
+    "ATTENTION_HEADS",
     "ATTENTION_LOSSES",
     "CALIBRATION_METHODS",
     "DATA_FORMATS",
@@ -30,6 +31,7 @@ __all__ = [
     "SELECT_METRICS",
     "THRESHOLD_POLICIES",
     "WORD_POLICIES",
+    "AttentionHeads",
     "AttentionLoss",
     "CalibrationMethod",
     "ConfigError",
@@ -59,8 +61,9 @@ CalibrationMethod = Literal["auto", "none", "temperature", "platt"]
 DataFormat = Literal["auto", "ktas", "table"]
 RenderStyle = Literal["shorthand", "narrative", "ko", "mixed"]  # renderings of KTAS records (training/data/render.py)
 WordPolicy = Literal["latin", "all"]
-HiddenLoss = Literal["mse", "cosine"]
+HiddenLoss = Literal["mse", "cosine", "relation"]
 AttentionLoss = Literal["mse", "kl"]
+AttentionHeads = Literal["mean", "by-index"]
 LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counted from 1
 
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -72,6 +75,7 @@ RENDER_STYLES: tuple[RenderStyle, ...] = get_args(RenderStyle)
 WORD_POLICIES: tuple[WordPolicy, ...] = get_args(WordPolicy)
 HIDDEN_LOSSES: tuple[HiddenLoss, ...] = get_args(HiddenLoss)
 ATTENTION_LOSSES: tuple[AttentionLoss, ...] = get_args(AttentionLoss)
+ATTENTION_HEADS: tuple[AttentionHeads, ...] = get_args(AttentionHeads)
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -322,11 +326,31 @@ class DistillArguments:
     )
     max_words: int = field(default=32, metadata={"help": "At most this many aligned words per note."})
     hidden_loss: HiddenLoss = field(
-        default="mse", metadata={"help": "Hidden-state loss: mse (mean over features) or cosine (1 - similarity)."}
+        default="mse",
+        metadata={
+            "help": "Hidden-state loss of each aligned word, per mapped layer: mse (mean squared difference over "
+            "the teacher's features) or cosine (1 - cosine similarity), both after a learned linear projection "
+            "of the student's word state (one per mapped layer, trained with the student, never exported); or "
+            "relation: each model's word-by-word cosine-similarity matrix over the note's aligned words, the "
+            "student's row of a word compared to the teacher's by mean squared difference (no projection: "
+            "independent of either model's coordinates and width)."
+        },
     )
     attention_loss: AttentionLoss = field(
-        default="mse",
-        metadata={"help": "Attention loss: mse over a word's row, or kl (teacher || student) of the row over words."},
+        default="kl",
+        metadata={
+            "help": "Attention loss of each aligned word's row of the word-by-word attention map, renormalised "
+            "over the note's aligned words: kl (KL(teacher || student) of the row as a distribution) or mse "
+            "(mean squared difference over the aligned words)."
+        },
+    )
+    attention_heads: AttentionHeads = field(
+        default="mean",
+        metadata={
+            "help": "Which heads' attention maps are compared: mean (each model's map averaged over its heads; "
+            "the heads of two separately trained models do not correspond) or by-index (head i to head i; "
+            "needs as many heads in both models)."
+        },
     )
     layer_map: str | None = field(
         default=None,

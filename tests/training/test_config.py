@@ -39,8 +39,9 @@ def plain(output: str) -> str:
         (lambda: EvalArguments(threshold_policy="typo"), "'prevalence', 'fixed-0.5', 'target-sensitivity'"),
         (lambda: DataArguments(data_format="xls"), "--data-format: 'xls' is not one of 'auto', 'ktas', 'table'"),
         (lambda: DistillArguments(word_policy="greek"), "--word-policy: 'greek' is not one of 'latin', 'all'"),
-        (lambda: DistillArguments(hidden_loss="l1"), "--hidden-loss: 'l1' is not one of 'mse', 'cosine'"),
+        (lambda: DistillArguments(hidden_loss="l1"), "--hidden-loss: 'l1' is not one of 'mse', 'cosine', 'relation'"),
         (lambda: DistillArguments(attention_loss="js"), "--attention-loss: 'js' is not one of 'mse', 'kl'"),
+        (lambda: DistillArguments(attention_heads="all"), "--attention-heads: 'all' is not one of 'mean', 'by-index'"),
         (lambda: TrainingArguments(device="gpu"), "--device: 'gpu' is not one of"),
     ],
 )

@@ -3,10 +3,16 @@
 Student and teacher use different tokenizers, so both are pooled onto the words of a
 `WordAlignment` before any comparison:
 
-- hidden states: the mean of a word's token states (`pool_words`);
+- hidden states: the mean of a word's token states (`pool_words`). The two models' coordinates are
+  unrelated even when their widths are equal, so `mse` and `cosine` compare the teacher's word state
+  with a learned linear projection of the student's (one per mapped layer), and `relation` compares
+  each model's word-by-word cosine similarities, which need no common coordinates;
 - attention maps: query rows averaged over a word's tokens, keys summed over a word's tokens
-  (`word_attention`), so that both maps are [words x words] over the same words. Keys outside
-  every aligned word are left out, so a word row sums to the attention paid to aligned words.
+  (`word_attention`), so that both maps are [words x words] over the same words. Heads are averaged
+  (`--attention-heads mean`: heads of separately trained models do not correspond), and each row is
+  renormalised over the note's aligned words: how much attention goes to other tokens (special
+  tokens, punctuation, words left out) depends on each tokenizer, so only its share among the
+  aligned words is compared.
 
 The options (weights, loss kinds, layer map) are those of `training.config.DistillArguments`, checked
 when it is built.
@@ -40,10 +46,17 @@ _TINY = 1e-12
 
 @dataclass
 class TeacherWordFeatures:
-    """The teacher's word-pooled features on the mapped layers (live or from a cache); never trained."""
+    """The teacher's side of the loss on the mapped layers, in exactly the form compared (so a cache can store it).
 
-    hidden: torch.Tensor  # [L_map, B, W, D_teacher]
-    attention: torch.Tensor  # [L_map, B, H_teacher or 1, W, W]
+    `hidden` is [L_map, B, W, D_teacher] word states, or, when `relation`, [L_map, B, W, W] word-by-word
+    cosine similarities: its last axis is then a word axis too. `attention` is [L_map, B, H, W, W] with
+    rows renormalised over the note's words; H is 1 under `--attention-heads mean`, the teacher's heads
+    under `by-index`. Never trained.
+    """
+
+    hidden: torch.Tensor
+    attention: torch.Tensor
+    relation: bool = False
 
 
 @dataclass
@@ -108,10 +121,9 @@ def logit_distill_loss(
 class MultiLevelDistillLoss(nn.Module):
     """alpha * hidden-state loss + beta * attention loss over the aligned words of a batch.
 
-    Holds the one trainable part of distillation, the projection from the student's width to the
-    teacher's (a `nn.Linear` when the widths differ). It trains with the student and is not part
-    of the exported student model. Attention is compared head by head when both models have as
-    many heads, and as the mean over heads otherwise.
+    Holds the one trainable part of distillation, the projections from the student's word states to
+    the teacher's (one `nn.Linear` per mapped layer, for `mse` and `cosine`; none for `relation`).
+    They train with the student and are not part of the exported student model.
 
     Each aligned word contributes its loss averaged over mapped layers (and heads); a batch loss is
     the sum over aligned words divided by `normalizer`: by default the number of aligned words in
@@ -130,13 +142,19 @@ class MultiLevelDistillLoss(nn.Module):
         self.teacher_depth = teacher_config.num_hidden_layers
         self.layer_map = self.options.layer_pairs or uniform_layer_map(self.student_depth, self.teacher_depth)
         self._check_layer_map()
-        self.average_heads = student_config.num_attention_heads != teacher_config.num_attention_heads
-        self.compared_heads = 1 if self.average_heads else student_config.num_attention_heads
-        self.projection: nn.Module = (
-            nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
-            if student_config.hidden_size != teacher_config.hidden_size
-            else nn.Identity()
+        self.relation = self.options.hidden_loss == "relation"
+        self.teacher_width = teacher_config.hidden_size
+        self.projections = nn.ModuleList(
+            [] if self.relation else [nn.Linear(student_config.hidden_size, self.teacher_width) for _ in self.layer_map]
         )
+        self.average_heads = self.options.attention_heads == "mean"
+        if not self.average_heads and student_config.num_attention_heads != teacher_config.num_attention_heads:
+            raise ConfigError(
+                "--attention-heads by-index compares head i with head i and needs as many heads in both models, "
+                f"got {student_config.num_attention_heads} (student) and {teacher_config.num_attention_heads} "
+                "(teacher); use --attention-heads mean"
+            )
+        self.compared_heads = 1 if self.average_heads else teacher_config.num_attention_heads
 
     @torch.no_grad()
     def teacher_word_features(
@@ -149,7 +167,13 @@ class MultiLevelDistillLoss(nn.Module):
         attention = torch.stack(
             [word_attention(self._heads(attentions[t - 1]), teacher_word_index, num_words) for t in teacher_layers]
         )
-        return TeacherWordFeatures(hidden=hidden.float(), attention=attention.float())
+        # An aligned word has tokens in both models, so the teacher's own tokens say which slots hold words.
+        words = _membership(teacher_word_index, num_words, torch.bool).any(dim=1)  # [B, W]
+        return TeacherWordFeatures(
+            hidden=_word_relations(hidden.float()) if self.relation else hidden.float(),
+            attention=_renormalise(attention.float(), words[:, None, None, :]),
+            relation=self.relation,
+        )
 
     def forward(
         self,
@@ -175,8 +199,11 @@ class MultiLevelDistillLoss(nn.Module):
                 for s in student_layers
             ]
         )
-        hidden_per_word = self._hidden_loss(self.projection(student_hidden.float()), teacher.hidden.detach())
-        attention_per_word = self._attention_loss(student_attention.float(), teacher.attention.detach(), word_mask)
+        keys = word_mask[:, None, None, :]  # [B, 1, 1, W]: the note's words, broadcast over layers, heads and rows
+        hidden_per_word = self._hidden_loss(student_hidden.float(), teacher.hidden.detach(), word_mask)
+        attention_per_word = self._attention_loss(
+            _renormalise(student_attention.float(), keys), teacher.attention.detach(), keys
+        )
 
         aligned = int(word_mask.sum())
         denominator = torch.as_tensor(aligned if normalizer is None else normalizer, dtype=torch.float32)
@@ -193,24 +220,28 @@ class MultiLevelDistillLoss(nn.Module):
     def _heads(self, attention: torch.Tensor) -> torch.Tensor:
         return attention.mean(dim=-3, keepdim=True) if self.average_heads else attention
 
-    def _hidden_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """[L, B, W, D] pairs -> [B, W] loss of each word, averaged over layers."""
-        if self.options.hidden_loss == "mse":
-            per_layer = (student - teacher).pow(2).mean(dim=-1)
+    def _hidden_loss(self, student: torch.Tensor, teacher: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+        """Student word states [L, B, W, D_student] vs `teacher.hidden` -> [B, W] loss of each word, mean of layers."""
+        if self.relation:
+            keys = word_mask[:, None, :]  # [B, 1, W], broadcast over layers and rows
+            squared = torch.where(keys, (_word_relations(student) - teacher).pow(2), 0).sum(dim=-1)
+            per_layer = squared / word_mask.sum(dim=1, keepdim=True).clamp(min=1)
         else:
-            per_layer = 1 - (F.normalize(student, dim=-1) * F.normalize(teacher, dim=-1)).sum(dim=-1)
+            projected = torch.stack([project(layer) for project, layer in zip(self.projections, student, strict=True)])
+            if self.options.hidden_loss == "mse":
+                per_layer = (projected - teacher).pow(2).mean(dim=-1)
+            else:
+                per_layer = 1 - (F.normalize(projected, dim=-1) * F.normalize(teacher, dim=-1)).sum(dim=-1)
         return per_layer.mean(dim=0)
 
-    def _attention_loss(self, student: torch.Tensor, teacher: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        """[L, B, H, W, W] word maps -> [B, W] loss of each word's row, averaged over layers and heads."""
-        keys = word_mask[:, None, None, :]  # [B, 1, 1, W], broadcast over layers, heads and rows
+    def _attention_loss(self, student: torch.Tensor, teacher: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Renormalised [L, B, H, W, W] word maps -> [B, W] loss of each word's row, mean over layers and heads."""
         if self.options.attention_loss == "mse":
             squared = torch.where(keys, (student - teacher).pow(2), 0).sum(dim=-1)
-            per_row = squared / word_mask.sum(dim=1).clamp(min=1)[:, None, None]
+            per_row = squared / keys.sum(dim=-1).clamp(min=1)
         else:
-            teacher_p = _renormalise(teacher, keys)
-            student_log_p = torch.where(keys, _renormalise(student, keys).clamp(min=_TINY).log(), 0)
-            per_row = (torch.xlogy(teacher_p, teacher_p) - teacher_p * student_log_p).sum(dim=-1)
+            kl = torch.xlogy(teacher, teacher) - teacher * student.clamp(min=_TINY).log()
+            per_row = torch.where(keys, kl, 0).sum(dim=-1)
         return per_row.mean(dim=(0, 2))
 
     def _check_layer_map(self) -> None:
@@ -237,16 +268,22 @@ class MultiLevelDistillLoss(nn.Module):
                 f"student_word_index {tuple(word_index.shape)} does not match the student's [batch, tokens] "
                 f"{tuple(hidden_states[0].shape[:2])}"
             )
-        layers, batch, words = len(self.layer_map), word_mask.shape[0], word_mask.shape[1]
-        if teacher.hidden.shape[:3] != (layers, batch, words) or teacher.attention.shape[:2] != (layers, batch):
+        if teacher.relation != self.relation:
             raise ValueError(
-                f"teacher features {tuple(teacher.hidden.shape)} / {tuple(teacher.attention.shape)} do not match "
-                f"{layers} mapped layers, batch {batch} and {words} words"
+                f"teacher features with relation={teacher.relation} do not fit --hidden-loss "
+                f"{self.options.hidden_loss}: it compares word {'relations' if self.relation else 'states'}"
             )
-        if teacher.attention.shape[2:] != (self.compared_heads, words, words):
+        layers, batch, words = len(self.layer_map), word_mask.shape[0], word_mask.shape[1]
+        size, axis = (words, "words") if self.relation else (self.teacher_width, "features")
+        if teacher.hidden.shape != (layers, batch, words, size):
             raise ValueError(
-                f"teacher word attention {tuple(teacher.attention.shape)} is not [.., {self.compared_heads} heads, "
-                f"{words} words, {words} words]"
+                f"teacher hidden features {tuple(teacher.hidden.shape)} are not "
+                f"[{layers} mapped layers, {batch} notes, {words} words, {size} {axis}]"
+            )
+        if teacher.attention.shape != (layers, batch, self.compared_heads, words, words):
+            raise ValueError(
+                f"teacher word attention {tuple(teacher.attention.shape)} is not "
+                f"[{layers} mapped layers, {batch} notes, {self.compared_heads} heads, {words} words, {words} words]"
             )
 
 
@@ -258,6 +295,12 @@ def _membership(word_index: torch.Tensor, num_words: int, dtype: torch.dtype) ->
 def _averaging(membership: torch.Tensor) -> torch.Tensor:
     """Membership with each word's column divided by its token count: multiplying by it averages."""
     return membership / membership.sum(dim=-2, keepdim=True).clamp(min=1)
+
+
+def _word_relations(word_states: torch.Tensor) -> torch.Tensor:
+    """[..., W, D] word states -> [..., W, W] cosine similarity of every pair of words (0 with an empty slot)."""
+    unit = F.normalize(word_states, dim=-1)
+    return unit @ unit.transpose(-1, -2)
 
 
 def _renormalise(word_map: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
