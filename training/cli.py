@@ -1,4 +1,4 @@
-"""`python -m training ...`: fit, evaluate, pretrain, prepare-models, export, recalibrate.
+"""`python -m training ...`: fit, evaluate, pretrain, mlm-eval, prepare-models, export, recalibrate.
 
 Only light modules are imported here (no torch, transformers, pandas or scikit-learn): every option is
 checked while the command line is parsed, so a wrong value fails at once; each command imports what it
@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 
 from training.cli_options import dataclass_command
 from training.config import (
+    HELDOUT_FRACTION,
     CalibrationMethod,
     DataArguments,
     DataFormat,
@@ -226,6 +227,34 @@ def pretrain(args: PretrainArguments) -> None:
     with _clear_errors():
         out = run_pretrain(replace(args, model=resolve_model(args.model)))
     typer.echo(f"encoder written to {out}")
+
+
+@app.command("mlm-eval")
+def mlm_eval(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="MLM model: a pretrain --out directory (its checkpoint/ keeps the MLM head), a shortcut, "
+            "a local directory or a hub id."
+        ),
+    ],
+    corpus: Annotated[str, typer.Option(help="Corpus, as for pretrain: 'icd10cm', names joined by '+', or a file.")],
+    heldout_fraction: Annotated[
+        float, typer.Option(help="Fraction of the documents held out, as for pretrain.")
+    ] = HELDOUT_FRACTION,
+    text_column: Annotated[str, typer.Option(help="Column of a notes file that holds the text.")] = "text",
+) -> None:
+    """Masked-token loss and accuracy on the corpus's held-out documents, as pretrain reports them: compares
+    teachers on one held-out set."""
+    import json
+    from dataclasses import asdict
+
+    from training.pretrain import evaluate_heldout
+    from training.pretrained import resolve_model
+
+    with _clear_errors(ValueError):
+        scores = evaluate_heldout(resolve_model(model), corpus, heldout_fraction, text_column)
+    typer.echo(json.dumps(asdict(scores)))
 
 
 @app.command("prepare-models")

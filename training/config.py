@@ -431,6 +431,9 @@ def check_fit_options(
         )
 
 
+HELDOUT_FRACTION = 0.05  # of a pretraining corpus's documents, held out for the MLM scores
+
+
 @dataclass
 class PretrainArguments:
     model: str = field(metadata={"help": "Encoder to pretrain: a Hugging Face hub id or a local directory."})
@@ -471,21 +474,22 @@ class PretrainArguments:
     )
     save_steps: int = field(default=500, metadata={"help": "Write a resumable checkpoint every this many steps."})
     log_steps: int = field(default=50, metadata={"help": "Record the mean training loss every this many steps."})
-    eval_lines: int = field(
-        default=0,
+    heldout_fraction: float = field(
+        default=HELDOUT_FRACTION,
         metadata={
-            "help": "Hold out this many corpus lines and report MLM loss/accuracy on them before and after; 0: none."
+            "help": "Hold out this fraction of the corpus's documents (ICD codes, notes; chosen by a hash of their "
+            "names, whatever the seed) and report MLM loss/accuracy on them before and after; 0: none."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed for the MLM head, data order, masking, dropout and hold-out."})
+    seed: int = field(default=0, metadata={"help": "Seed for the MLM head, data order, masking and dropout."})
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
         _at_least(self, 1, "max_length", "batch_size", "save_steps", "log_steps", "max_steps")
         _positive(self, "epochs", "learning_rate", "max_grad_norm")
         _fraction(self, "mlm_probability")
-        _fraction(self, "warmup_ratio", low_open=False)
-        _at_least(self, 0, "eval_lines", "weight_decay")
+        _fraction(self, "warmup_ratio", "heldout_fraction", low_open=False)
+        _at_least(self, 0, "weight_decay")
 
     def options(self) -> dict[str, Any]:
         """The options as JSON values."""

@@ -3,11 +3,15 @@
 Layout of the output directory `out/`:
 
     config.json, model.safetensors, tokenizer files   the encoder without its MLM head (loads with AutoModel)
-    pretrain.json                                     options, steps, losses, timings, corpus hash, held-out scores
+    pretrain.json                                     options, corpus (sources, licences, hash), steps, losses,
+                                                      timings, held-out scores
     checkpoint/                                       the latest resumable state: MLM model, tokenizer and
                                                       trainer_state.pt (optimizer, scheduler, step, RNG states)
 
 Rerunning with the same `out` resumes from `out/checkpoint/`.
+
+The held-out documents (`split_heldout`) and their masks (`evaluate_mlm`'s defaults) depend on neither the seed nor
+the training options, so the held-out scores of any two models that share a tokenizer compare.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +44,7 @@ from transformers import (
 )
 
 from training.config import PretrainArguments
-from training.corpora import load_corpus
+from training.corpora import CorpusLine, corpus_sources, load_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ REPORT = "pretrain.json"
 RESUMABLE_OPTIONS = {"epochs", "max_steps", "save_steps", "log_steps"}
 # With group_by_length, runs of this many batches are sorted by length (as in Hugging Face's LengthGroupedSampler).
 LENGTH_GROUP_BATCHES = 50
+# Attributes that hold the MLM head in BERT-like and RoBERTa-like models (see masked_token_logits).
+MLM_HEAD_ATTRIBUTES = ("cls", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,8 @@ def pretrain(args: PretrainArguments) -> Path:
     returns `args.out`, which then holds the encoder (AutoModel format), its tokenizer and pretrain.json."""
     started = time.perf_counter()
     lines = load_corpus(args.corpus, args.text_column)
-    corpus_hash = corpus_sha256(lines)
-    train_lines, heldout_lines = split_heldout(lines, args.eval_lines, args.seed)
+    corpus_hash = corpus_sha256([line.text for line in lines])
+    train_lines, heldout_lines = split_heldout(lines, args.heldout_fraction)
     logger.info("corpus %s: %d lines, %d held out, sha256 %s", args.corpus, len(lines), len(heldout_lines), corpus_hash)
 
     checkpoint = args.out / CHECKPOINT_DIR
@@ -113,19 +118,7 @@ def pretrain(args: PretrainArguments) -> Path:
     scheduler = get_linear_schedule_with_warmup(optimizer, round(args.warmup_ratio * total_steps), total_steps)
 
     def heldout_scores() -> dict[str, float] | None:
-        if not heldout_lines:
-            return None
-        scores = evaluate_mlm(
-            model,
-            tokenizer,
-            heldout_lines,
-            max_length=args.max_length,
-            batch_size=args.batch_size,
-            mlm_probability=args.mlm_probability,
-            whole_word_mask=args.whole_word_mask,
-            seed=args.seed,
-        )
-        return asdict(scores)
+        return asdict(evaluate_mlm(model, tokenizer, heldout_lines)) if heldout_lines else None
 
     if resuming:
         state = load_checkpoint(checkpoint, args, corpus_hash, optimizer, scheduler, collator)
@@ -157,6 +150,7 @@ def pretrain(args: PretrainArguments) -> Path:
     report = {
         "options": args.options(),
         "corpus": {
+            "sources": corpus_sources(args.corpus),
             "lines": len(lines),
             "train_lines": len(train_lines),
             "heldout_lines": len(heldout_lines),
@@ -191,24 +185,48 @@ def evaluate_mlm(
     seed: int = 0,
 ) -> MlmScores:
     """Masked-token loss and top-1 accuracy of an MLM model on `lines`. The masks depend only on the lines,
-    the tokenizer and `seed`, so two models sharing a tokenizer (before and after pretraining) see the same ones."""
+    the tokenizer and the other arguments, so two models sharing a tokenizer (e.g. before and after pretraining)
+    see the same ones."""
     collator = make_collator(tokenizer, mlm_probability, whole_word_mask, seed)
     features = tokenize(tokenizer, lines, max_length, whole_word_mask)
     was_training = model.training
     model.eval()
     loss_sum, correct, masked_tokens = 0.0, 0, 0
     for start in range(0, len(features), batch_size):
-        batch = collator(features[start : start + batch_size])
-        labels = batch.pop("labels")
-        masked = labels != -100
-        logits = model(**batch).logits[masked]
-        loss_sum += F.cross_entropy(logits, labels[masked], reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == labels[masked]).sum().item()
-        masked_tokens += int(masked.sum())
+        logits, labels = masked_token_logits(model, collator(features[start : start + batch_size]))
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+        masked_tokens += len(labels)
     model.train(was_training)
     if masked_tokens == 0:
         raise ValueError(f"no token of the {len(lines)} evaluation lines was masked; give more lines")
     return MlmScores(loss=loss_sum / masked_tokens, accuracy=correct / masked_tokens, masked_tokens=masked_tokens)
+
+
+def evaluate_heldout(source: str | Path, corpus: str, heldout_fraction: float, text_column: str = "text") -> MlmScores:
+    """The held-out scores that pretrain reports, for any MLM model: compares teachers on one held-out set. `source`
+    is a pretrain output directory (its checkpoint/ keeps the MLM head that the encoder it holds lacks) or a model
+    directory or hub id that AutoModelForMaskedLM loads."""
+    checkpoint = Path(source) / CHECKPOINT_DIR
+    if (checkpoint / TRAINER_STATE).is_file():
+        source = checkpoint
+    _, heldout_lines = split_heldout(load_corpus(corpus, text_column), heldout_fraction)
+    if not heldout_lines:
+        raise ValueError(f"no document of corpus {corpus!r} is held out with fraction {heldout_fraction}")
+    return evaluate_mlm(load_mlm_model(source), AutoTokenizer.from_pretrained(source), heldout_lines)
+
+
+def masked_token_logits(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MLM logits, labels) of the masked tokens of `batch`. Where the model's MLM head is known, it runs on those
+    tokens only instead of on every position as the model's own forward does ("sparse token prediction", Izsak et
+    al. 2021): the same values, for about a sixth of the cost of the vocabulary projection."""
+    labels = batch["labels"]
+    masked = labels != -100
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    head = next((getattr(model, name) for name in MLM_HEAD_ATTRIBUTES if hasattr(model, name)), None)
+    if head is None:
+        return model(**inputs).logits[masked], labels[masked]
+    return head(model.base_model(**inputs).last_hidden_state[masked]), labels[masked]
 
 
 def load_mlm_model(source: str | Path) -> PreTrainedModel:
@@ -259,12 +277,23 @@ def tokenize(
     return [dict(zip(encoding.keys(), values, strict=True)) for values in zip(*encoding.values(), strict=True)]
 
 
-def split_heldout(lines: list[str], count: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training lines, `count` held-out lines), both in corpus order; the held-out choice depends on `seed`."""
-    if count >= len(lines):
-        raise ValueError(f"cannot hold out {count} of {len(lines)} corpus lines and still train")
-    heldout = set(random.Random(seed).sample(range(len(lines)), count))
-    return [line for i, line in enumerate(lines) if i not in heldout], [lines[i] for i in sorted(heldout)]
+def split_heldout(lines: list[CorpusLine], fraction: float) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts), both in corpus order. Whole documents are held out, about `fraction` of
+    them, chosen by a hash of the document's name: the same ones whatever the seed, the order of the corpus or
+    the corpora joined to it (so an ICD code held out of `icd10cm` is held out of `icd10cm+icd10who` too)."""
+    train: list[str] = []
+    heldout: list[str] = []
+    for line in lines:
+        (heldout if is_heldout(line.document, fraction) else train).append(line.text)
+    if not train:
+        raise ValueError(f"holding out {fraction} of the documents leaves none of the {len(lines)} lines to train on")
+    return train, heldout
+
+
+def is_heldout(document: str, fraction: float) -> bool:
+    """Whether `document` falls in the held-out `fraction`: the first 8 bytes of its SHA-256, as a fraction of 2**64."""
+    digest = hashlib.sha256(document.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def corpus_sha256(lines: list[str]) -> str:
@@ -373,7 +402,7 @@ def _train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     max_grad_norm: float,
 ) -> float:
-    loss = model(**batch).loss
+    loss = F.cross_entropy(*masked_token_logits(model, batch))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+from typer.testing import CliRunner
 
 from training import pretrain as pretrain_module
+from training.cli import app
 from training.config import PretrainArguments
+from training.corpora import CorpusLine
 from training.pretrain import (
+    evaluate_heldout,
     evaluate_mlm,
+    is_heldout,
     make_collator,
+    masked_token_logits,
     pretrain,
     shuffled_batches,
+    split_heldout,
     tokenize,
 )
 
@@ -52,17 +62,28 @@ def report(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert_dir, notes_csv) -> Path:
     out = tmp_path_factory.mktemp("pretrained")
-    return pretrain(tiny_args(tiny_bert_dir, notes_csv, out, max_steps=40, log_steps=10, eval_lines=40))
+    return pretrain(tiny_args(tiny_bert_dir, notes_csv, out, max_steps=40, log_steps=10, heldout_fraction=0.2))
 
 
-def test_loss_decreases_and_heldout_scores_improve(trained):
+def test_loss_decreases_and_heldout_scores_improve(trained, notes):
     written = report(trained)
+    heldout = sum(is_heldout(text, 0.2) for text, _ in notes)
     assert written["steps"] == 40
     assert written["final_loss"] < written["first_loss"] - 0.5
     assert written["heldout_after"]["loss"] < written["heldout_before"]["loss"]
     assert written["heldout_after"]["masked_tokens"] == written["heldout_before"]["masked_tokens"] > 0
-    assert (written["corpus"]["train_lines"], written["corpus"]["heldout_lines"]) == (160, 40)
+    assert (written["corpus"]["train_lines"], written["corpus"]["heldout_lines"]) == (200 - heldout, heldout)
+    assert 20 < heldout < 60
     assert written["options"]["max_steps"] == 40 and written["train_seconds"] > 0
+
+
+def test_evaluate_heldout_of_the_output_gives_the_reported_scores(trained, notes_csv):
+    scores = evaluate_heldout(trained, str(notes_csv), 0.2)
+    assert asdict(scores) == pytest.approx(report(trained)["heldout_after"])
+    command = ["mlm-eval", "--model", str(trained), "--corpus", str(notes_csv), "--heldout-fraction", "0.2"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[-1]) == asdict(scores)
 
 
 def test_output_is_the_encoder_without_mlm_head_with_the_source_pooler(trained, tiny_bert_dir):
@@ -153,6 +174,31 @@ def test_evaluate_mlm_is_deterministic_per_seed(tiny_bert_dir, notes):
     assert model.training  # restored to the mode it was in
 
 
+def test_masked_token_logits_give_the_models_own_loss(tiny_bert_dir, notes):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    model = AutoModelForMaskedLM.from_pretrained(tiny_bert_dir).eval()
+    lines = [text for text, _ in notes[:16]]
+    batch = make_collator(tokenizer, 0.15, whole_word_mask=False, seed=0)(tokenize(tokenizer, lines, 128, False))
+    logits, labels = masked_token_logits(model, batch)
+    assert logits.shape == (int((batch["labels"] != -100).sum()), model.config.vocab_size)
+    torch.testing.assert_close(F.cross_entropy(logits, labels), model(**batch).loss)
+
+
+def test_heldout_split_keeps_documents_whole_whatever_the_order_or_the_corpora_joined():
+    lines = [CorpusLine(f"line {i} of {document}", str(document)) for document in range(400) for i in range(3)]
+    train, heldout = split_heldout(lines, 0.1)
+    heldout_documents = {text.split(" of ")[1] for text in heldout}
+    assert not heldout_documents & {text.split(" of ")[1] for text in train}
+    assert 20 < len(heldout_documents) < 60 and len(heldout) == 3 * len(heldout_documents)
+    assert set(split_heldout(random.Random(0).sample(lines, len(lines)), 0.1)[1]) == set(heldout)
+    joined = [*lines, CorpusLine("a line of another corpus", "another corpus's code")]
+    assert set(heldout) <= set(split_heldout(joined, 0.1)[1])
+    assert set(heldout) < set(split_heldout(lines, 0.3)[1])
+    assert split_heldout(lines, 0.0) == ([line.text for line in lines], [])
+    with pytest.raises(ValueError, match="none of the 1200 lines to train on"):
+        split_heldout(lines, 1.0)
+
+
 def test_shuffled_batches_cover_each_epoch_group_by_length_and_resume_mid_epoch():
     features = [{"id": i, "input_ids": [0] * (1 + i % 97)} for i in range(1000)]
 
@@ -172,13 +218,15 @@ def test_shuffled_batches_cover_each_epoch_group_by_length_and_resume_mid_epoch(
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("mlm_probability", 0.0), ("mlm_probability", 1.0), ("batch_size", 0), ("max_steps", 0), ("epochs", 0.0)],
+    [
+        ("mlm_probability", 0.0),
+        ("mlm_probability", 1.0),
+        ("batch_size", 0),
+        ("max_steps", 0),
+        ("epochs", 0.0),
+        ("heldout_fraction", 1.0),
+    ],
 )
 def test_arguments_reject_bad_values(option, value):
     with pytest.raises(ValueError, match=f"--{option.replace('_', '-')}"):
         PretrainArguments(model="m", corpus="icd10cm", out=Path("out"), **{option: value})
-
-
-def test_too_many_heldout_lines_is_an_error(tiny_bert_dir, notes_csv, tmp_path):
-    with pytest.raises(ValueError, match="hold out 200 of 200"):
-        pretrain(tiny_args(tiny_bert_dir, notes_csv, tmp_path, max_steps=1, eval_lines=200))
