@@ -325,6 +325,14 @@ class DistillArguments:
         default="latin", metadata={"help": "Words to align: 'latin' (English terms) or 'all'."}
     )
     max_words: int = field(default=32, metadata={"help": "At most this many aligned words per note."})
+    teacher_max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum teacher tokens per note (default: the teacher's position limit, e.g. 512). The "
+            "teacher's own budget: its tokenizer may cut a note into many more tokens than the student's (an "
+            "English teacher splits Hangul into pieces), and a word either model truncates away is not distilled."
+        },
+    )
     hidden_loss: HiddenLoss = field(
         default="mse",
         metadata={
@@ -376,6 +384,7 @@ class DistillArguments:
         _check_choices(self)
         _at_least(self, 0, "alpha", "beta", "logit_weight")
         _at_least(self, 1, "max_words")
+        _at_least(self, 2, "teacher_max_length")  # room for the special tokens and one word
         _positive(self, "temperature")
         parse_layer_map(self.layer_map)
 

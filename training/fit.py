@@ -129,25 +129,26 @@ def fit(
 
         metrics = _validate(model, tokenizer, parts["valid"], prevalence, train_args, model_args, device)
         improved = keeper.update(epoch, metrics, model, tokenizer)
+        train = _epoch_summary(epoch_logs)
         record = {
             "epoch": epoch,
             "step": step,
             "elapsed_s": round(time.perf_counter() - start, 1),
-            "train": {k: float(np.mean([entry[k] for entry in epoch_logs])) for k in epoch_logs[0]}
-            if epoch_logs
-            else {},
+            "train": train,
             "valid": metrics,
             "improved": improved,
         }
         with run.history_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        counts = [f"{k} {v}" for k, v in train.items() if isinstance(v, int)]
         log.info(
-            "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s",
+            "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s%s",
             epoch,
             metrics["auroc"],
             metrics["brier"],
             metrics["loss"],
             f" (best {', '.join(improved)})" if improved else "",
+            f"; train {', '.join(counts)}" if counts else "",
         )
         stale = 0 if train_args.select_metric in improved else stale + 1
         if stale >= train_args.patience or step >= total_steps:
@@ -162,6 +163,18 @@ def fit(
     log.info("trained %d steps in %.0f s; evaluating best-%s on test", step, train_seconds, train_args.select_metric)
     evaluate_run(run, eval_args, parts=parts, metric=train_args.select_metric, device=device)
     return run.root
+
+
+def _epoch_summary(epoch_logs: list[dict[str, float]]) -> dict[str, float]:
+    """One epoch of step logs: counts (int values, e.g. aligned words) summed, losses (floats) averaged."""
+    if not epoch_logs:
+        return {}
+    return {
+        k: sum(int(entry[k]) for entry in epoch_logs)
+        if isinstance(epoch_logs[0][k], int)
+        else float(np.mean([entry[k] for entry in epoch_logs]))
+        for k in epoch_logs[0]
+    }
 
 
 def _validate(model, tokenizer, valid, prevalence, train_args, model_args, device) -> dict[str, float]:

@@ -71,6 +71,7 @@ def test_a_closed_choice_names_the_option_and_the_allowed_values(make, message):
         (lambda: TrainingArguments(weight_decay=-0.1), "--weight-decay must be at least 0"),
         (lambda: DistillArguments(alpha=-1.0), "--alpha must be at least 0"),
         (lambda: DistillArguments(max_words=0), "--max-words must be at least 1"),
+        (lambda: DistillArguments(teacher_max_length=1), "--teacher-max-length must be at least 2"),
         (lambda: DistillArguments(temperature=0.0), "--temperature must be positive"),
         (lambda: DistillArguments(layer_map="2-1"), "--layer-map '2-1': expected pairs like '2:1,4:2'"),
         (lambda: DistillArguments(layer_map="0:1"), "layers count from 1"),

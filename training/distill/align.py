@@ -69,6 +69,12 @@ class WordAlignment:
     word_mask: torch.Tensor  # [B, W] bool: slot w of sample b holds an aligned word
     num_words: int  # W, the most aligned words of any sample in the batch (may be 0)
     words: list[list[Word]]  # the aligned words of each sample, in slot order
+    # Candidate words of the batch that were not aligned, as counts only (notes are private): those lying past
+    # the student's or the teacher's truncation (a word cut by both counts on both sides), and those both models
+    # still had but beyond the first `max_words` of their note.
+    lost_student: int
+    lost_teacher: int
+    over_max_words: int
 
 
 def split_words(text: str) -> list[Word]:
@@ -89,7 +95,8 @@ def align_words(
     tokens are (0, 0)). Candidate words are the Latin words (`policy="latin"`) or all words
     (`"all"`). A token belongs to the candidate word it overlaps most (ties: the earlier word);
     a word is kept only if both models have a token in it (truncation can remove it from either),
-    and each note keeps at most its first `max_words` kept words.
+    and each note keeps at most its first `max_words` kept words. A word lies past a model's truncation
+    when it starts at or after the end of that model's last token.
     """
     if policy not in WORD_POLICIES:
         raise ValueError(f"policy must be one of {WORD_POLICIES}, got {policy!r}")
@@ -100,12 +107,13 @@ def align_words(
 
     candidates = [[w for w in split_words(t) if policy == "all" or w.script is Script.LATIN] for t in texts]
     spans = _pad_spans(candidates)
+    is_candidate = torch.arange(spans.shape[1]) < torch.tensor([len(c) for c in candidates], dtype=torch.long)[:, None]
     student_candidate = _candidate_of_token(student_offsets, spans)
     teacher_candidate = _candidate_of_token(teacher_offsets, spans)
 
-    kept = _has_token(student_candidate, spans.shape[1]) & _has_token(teacher_candidate, spans.shape[1])
-    slot = kept.long().cumsum(dim=1) - 1
-    kept &= slot < max_words
+    in_both = _has_token(student_candidate, spans.shape[1]) & _has_token(teacher_candidate, spans.shape[1])
+    slot = in_both.long().cumsum(dim=1) - 1
+    kept = in_both & (slot < max_words)
     slot = torch.where(kept, slot, -1)
     words_per_note = kept.sum(dim=1)
     num_words = int(words_per_note.max()) if len(texts) else 0
@@ -119,6 +127,9 @@ def align_words(
             [w for w, keep in zip(note, row, strict=False) if keep]  # row is padded to the most candidates
             for note, row in zip(candidates, kept.tolist(), strict=True)
         ],
+        lost_student=int((is_candidate & _past_truncation(student_offsets, spans)).sum()),
+        lost_teacher=int((is_candidate & _past_truncation(teacher_offsets, spans)).sum()),
+        over_max_words=int((in_both & ~kept).sum()),
     )
 
 
@@ -157,6 +168,12 @@ def _has_token(candidate_of_token: torch.Tensor, num_candidates: int) -> torch.T
     counts = torch.zeros(candidate_of_token.shape[0], num_candidates + 1, dtype=torch.long)
     counts.scatter_add_(1, candidate_of_token + 1, torch.ones_like(candidate_of_token))
     return counts[:, 1:] > 0
+
+
+def _past_truncation(offsets: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
+    """[B, C] whether each candidate word starts at or after the end of every token of its note: truncation
+    cut it. (A word before that end can still lack a token of its own, e.g. "세" inside the token "3세".)"""
+    return (offsets[:, None, :, 1] <= spans[:, :, None, 0]).all(dim=-1)
 
 
 def _slot_of_token(candidate_of_token: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from training.distill.align import align_words
 from training.distill.losses import MultiLevelDistillLoss, logit_distill_loss
 from training.distill.teacher import TeacherCache, TeacherOutputs, load_teacher, run_teacher
 from training.errors import ConfigError
-from training.modeling import load_tokenizer, to_device
+from training.modeling import load_tokenizer, position_limit, to_device
 from training.objectives import model_inputs
 
 
@@ -60,6 +60,9 @@ class DistillCollator:
             word_index=alignment.student_word_index,
             teacher_word_index=alignment.teacher_word_index,
             word_mask=alignment.word_mask,
+            words_lost_student=torch.tensor(alignment.lost_student),
+            words_lost_teacher=torch.tensor(alignment.lost_teacher),
+            words_over_max=torch.tensor(alignment.over_max_words),
             labels=torch.as_tensor(self.examples.labels[positions]),
             positions=torch.as_tensor(positions),
         )
@@ -120,6 +123,8 @@ class DistillObjective:
     def loss(
         self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int, accum_words: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss, and its logs: losses (floats, averaged per epoch by fit) and word counts (ints,
+        summed per epoch): aligned words, and candidate words lost to either model's truncation or --max-words."""
         outputs = model(**model_inputs(batch), output_hidden_states=True, output_attentions=True)
         ce = F.cross_entropy(outputs.logits.float(), batch["labels"])
         teacher = self.teacher_outputs(batch)
@@ -132,7 +137,15 @@ class DistillObjective:
             normalizer=accum_words,
         )
         total = ce / accum_steps + kd.total
-        logs = {"ce": ce.item(), "hidden": kd.hidden.item(), "attention": kd.attention.item(), "words": kd.num_words}
+        logs = {
+            "ce": ce.item(),
+            "hidden": kd.hidden.item(),
+            "attention": kd.attention.item(),
+            "words": kd.num_words,
+            "words_lost_student": int(batch["words_lost_student"]),
+            "words_lost_teacher": int(batch["words_lost_teacher"]),
+            "words_over_max": int(batch["words_over_max"]),
+        }
         target, target_loss = self.prediction_target(teacher, outputs.logits.float(), batch["labels"])
         if target is not None:
             logit = logit_distill_loss(outputs.logits.float(), target, self.args.temperature)
@@ -189,7 +202,12 @@ def build_distill_objective(
         raise ConfigError("--logit-weight with mlkd needs a teacher with a two-label classification head")
     loss = MultiLevelDistillLoss(model.config, teacher.config, args).to(device)
     teacher_tokenizer = load_tokenizer(model_args.teacher)
-    teacher_max_length = min(model_args.max_length, teacher.config.max_position_embeddings)
+    teacher_limit = position_limit(teacher, teacher_tokenizer)
+    teacher_max_length = teacher_limit if args.teacher_max_length is None else args.teacher_max_length
+    if teacher_max_length > teacher_limit:
+        raise ConfigError(
+            f"--teacher-max-length {teacher_max_length} is more than the teacher can read ({teacher_limit} tokens)"
+        )
     objective: DistillObjective
     if method == "ensemble":
         probe = nn.Linear(teacher.config.hidden_size, model.config.num_labels).to(device)

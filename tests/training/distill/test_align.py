@@ -189,6 +189,7 @@ def test_a_token_spanning_two_words_counts_for_the_earlier_one(tokenizers):
     alignment = align_words([EXAMPLE], wordpiece_offsets, offsets(tokenizers["unigram"], [EXAMPLE]), policy="all")
     assert word_texts(EXAMPLE, alignment.words[0]) == ["3", "남아", "fever", "39.2", "vomiting", "3", "회", "lethargy"]
     assert alignment.student_word_index[0, 1] == 0  # the token "3세" (after [CLS]) belongs to "3"
+    assert alignment.lost_student == alignment.lost_teacher == 0  # "세" has no token of its own, but was not cut
 
 
 def test_batches_of_unequal_notes_are_padded(tokenizers):
@@ -212,9 +213,14 @@ def test_words_truncated_away_by_either_model_are_dropped(tokenizers, teacher):
     assert word_texts(EXAMPLE, alignment.words[0]) == ["fever", "vomiting"]
     lethargy_tokens = student_offsets[0, :, 1] > lethargy
     assert (alignment.student_word_index[0, lethargy_tokens] == -1).all()
+    assert (alignment.lost_student, alignment.lost_teacher, alignment.over_max_words) == (0, 1, 0)
 
     swapped = align_words([EXAMPLE], truncated, student_offsets)
     assert word_texts(EXAMPLE, swapped.words[0]) == ["fever", "vomiting"]
+    assert (swapped.lost_student, swapped.lost_teacher, swapped.over_max_words) == (1, 0, 0)
+
+    everything = align_words([EXAMPLE], truncated, truncated, policy="all")
+    assert (everything.lost_student, everything.lost_teacher) == (1, 1)  # a word cut by both counts on both sides
 
 
 def test_max_words_keeps_the_first_words(tokenizers):
@@ -223,6 +229,7 @@ def test_max_words_keeps_the_first_words(tokenizers):
     )
     assert word_texts(EXAMPLE, alignment.words[0]) == ["fever", "vomiting"]
     assert alignment.student_word_index.max() == 1 and alignment.teacher_word_index.max() == 1
+    assert (alignment.lost_student, alignment.lost_teacher, alignment.over_max_words) == (0, 0, 1)
 
     long_note = " ".join(["fever"] * 40)
     capped = align_words(
@@ -230,6 +237,7 @@ def test_max_words_keeps_the_first_words(tokenizers):
     )
     assert capped.num_words == 32
     assert capped.student_word_index.max() == 31
+    assert capped.over_max_words == 8
 
 
 def test_a_note_without_latin_words_has_no_slots(tokenizers):

@@ -9,7 +9,9 @@ import torch
 
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.data.examples import Examples
-from training.distill.objective import build_distill_objective
+from training.data.loading import load_parts
+from training.distill.objective import DistillCollator, build_distill_objective
+from training.errors import ConfigError
 from training.fit import fit
 from training.modeling import load_student, load_tokenizer
 from training.run_dir import RunDirectory
@@ -77,6 +79,38 @@ def test_ensemble_distills_towards_the_teacher_probe_student_average(tiny_bert_d
     assert objective.args.logit_weight == 1.0
 
 
+def test_the_teacher_reads_up_to_its_own_limit(tiny_bert_dir, tiny_teacher_dir, train_examples):
+    _, objective = objective_for(tiny_bert_dir, tiny_teacher_dir, train_examples, teacher_cache=False)
+    assert (objective.max_length, objective.teacher_max_length) == (64, 128)  # 128: the teacher's positions
+    _, shorter = objective_for(
+        tiny_bert_dir, tiny_teacher_dir, train_examples, teacher_cache=False, teacher_max_length=32
+    )
+    assert shorter.collator(train_examples).teacher_max_length == 32
+    with pytest.raises(ConfigError, match=r"--teacher-max-length 129 is more than the teacher can read \(128 tokens\)"):
+        objective_for(tiny_bert_dir, tiny_teacher_dir, train_examples, teacher_cache=False, teacher_max_length=129)
+
+
+def test_words_cut_by_either_models_truncation_are_counted(tiny_bert_dir, tiny_teacher_dir):
+    text = "3세 남아 보호자 동반 내원 어제부터 구토 2회 CC: seizure"  # SYNTHETIC; "seizure" is the late term
+    examples = Examples([text], np.array([1]), np.arange(1), "synthetic")
+    student_tokenizer, teacher_tokenizer = load_tokenizer(str(tiny_bert_dir)), load_tokenizer(str(tiny_teacher_dir))
+
+    def cut_before_seizure(tokenizer):
+        """A max_length that keeps every token before "seizure" and the special tokens, but none of "seizure"."""
+        offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+        return next(i for i, (_, end) in enumerate(offsets) if end > text.index("seizure")) + 1
+
+    def counts(max_length, teacher_max_length):
+        batch = DistillCollator(
+            examples, student_tokenizer, teacher_tokenizer, max_length, teacher_max_length, "latin", 32
+        )([0])
+        return [int(batch[k]) for k in ("words_lost_student", "words_lost_teacher", "words_over_max")]
+
+    assert counts(64, 128) == [0, 0, 0]
+    assert counts(cut_before_seizure(student_tokenizer), 128) == [1, 0, 0]
+    assert counts(64, cut_before_seizure(teacher_tokenizer)) == [0, 1, 0]
+
+
 @pytest.mark.parametrize("method", ["mlkd", "ensemble"])
 def test_distillation_runs_end_to_end(tmp_path, notes, tiny_bert_dir, tiny_teacher_dir, method):
     data = tmp_path / "synthetic.csv"
@@ -86,11 +120,20 @@ def test_distillation_runs_end_to_end(tmp_path, notes, tiny_bert_dir, tiny_teach
         DataArguments(data=str(data)),
         ModelArguments(student=str(tiny_bert_dir), teacher=str(tiny_teacher_dir), max_length=64),
         TrainingArguments(out=str(out), method=method, epochs=3, encoder_lr=2e-3, head_lr=5e-3, seed=1),
-        DistillArguments(word_policy="all"),
+        DistillArguments(word_policy="all", teacher_max_length=16),
         EvalArguments(bootstrap=50),
     )
     history = [json.loads(line) for line in RunDirectory(out).history_file.read_text().splitlines()]
-    assert history[0]["train"]["words"] > 0
+    # Word counts are per-epoch sums: every training note once, each aligned as if alone.
+    train = load_parts(RunDirectory(out).data_arguments())["train"]
+    collator = DistillCollator(
+        train, load_tokenizer(str(tiny_bert_dir)), load_tokenizer(str(tiny_teacher_dir)), 64, 16, "all", 32
+    )
+    batch = collator(list(range(len(train))))
+    assert history[0]["train"]["words"] == int(batch["word_mask"].sum()) > 0
+    assert history[0]["train"]["words_lost_teacher"] == int(batch["words_lost_teacher"]) > 0
+    assert history[0]["train"]["words_lost_student"] == int(batch["words_lost_student"])
+    assert history[0]["train"]["words_over_max"] == int(batch["words_over_max"])
     # The fixture teacher is randomly initialised, so it has no knowledge to pass on: what must show is
     # that the student moves towards it, and that the run ends with the usual checkpoints and report.
     assert history[-1]["train"]["hidden"] < 0.5 * history[0]["train"]["hidden"]
