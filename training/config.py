@@ -367,11 +367,11 @@ class DistillArguments:
             "default: one pair per layer of the shallower model, spread uniformly."
         },
     )
-    logit_weight: float = field(
-        default=0.0,
+    logit_weight: float | None = field(
+        default=None,
         metadata={
-            "help": "Weight of logit distillation (mlkd: needs a teacher with a classification head; "
-            "ensemble: default 1)."
+            "help": "Weight of logit distillation; default: the method's (mlkd 0, ensemble 1). mlkd with a weight "
+            "above 0 needs a teacher fine-tuned with a two-label classification head; 0 turns ensemble's term off."
         },
     )
     temperature: float = field(default=2.0, metadata={"help": "Temperature of logit distillation."})
@@ -387,6 +387,13 @@ class DistillArguments:
         _at_least(self, 2, "teacher_max_length")  # room for the special tokens and one word
         _positive(self, "temperature")
         parse_layer_map(self.layer_map)
+
+    def logit_weight_for(self, method: Method) -> float:
+        """--logit-weight, else the method's default: 1 for ensemble, whose ensemble target is what the method adds;
+        0 for mlkd, whose teacher is usually MLM-pretrained and has no trained classification head."""
+        if self.logit_weight is not None:
+            return self.logit_weight
+        return 1.0 if method == "ensemble" else 0.0
 
     @property
     def layer_pairs(self) -> LayerMap | None:

@@ -72,6 +72,7 @@ def test_a_closed_choice_names_the_option_and_the_allowed_values(make, message):
         (lambda: DistillArguments(alpha=-1.0), "--alpha must be at least 0"),
         (lambda: DistillArguments(max_words=0), "--max-words must be at least 1"),
         (lambda: DistillArguments(teacher_max_length=1), "--teacher-max-length must be at least 2"),
+        (lambda: DistillArguments(logit_weight=-0.5), "--logit-weight must be at least 0"),
         (lambda: DistillArguments(temperature=0.0), "--temperature must be positive"),
         (lambda: DistillArguments(layer_map="2-1"), "--layer-map '2-1': expected pairs like '2:1,4:2'"),
         (lambda: DistillArguments(layer_map="0:1"), "layers count from 1"),
@@ -89,6 +90,13 @@ def test_edges_of_the_ranges_are_accepted():
     TrainingArguments(device="cpu")
     EvalArguments(target_sensitivity=1.0, bootstrap=2)
     DistillArguments(alpha=0.0, beta=0.0, logit_weight=0.0)
+
+
+def test_the_logit_weight_defaults_to_the_methods_and_0_is_kept():
+    assert DistillArguments().logit_weight_for("mlkd") == 0.0
+    assert DistillArguments().logit_weight_for("ensemble") == 1.0
+    assert DistillArguments(logit_weight=0.0).logit_weight_for("ensemble") == 0.0
+    assert DistillArguments(logit_weight=0.5).logit_weight_for("mlkd") == 0.5
 
 
 def test_the_layer_map_is_parsed_once_by_the_options():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -81,11 +81,13 @@ class DistillObjective:
         args: DistillArguments,
         max_length: int,
         teacher_max_length: int,
+        logit_weight: float,
     ):
         self.tokenizer, self.teacher_tokenizer = tokenizer, teacher_tokenizer
         self.teacher: PreTrainedModel | None = teacher  # None once the cache replaces it
         self.distill_loss, self.args = loss, args
         self.max_length, self.teacher_max_length = max_length, teacher_max_length
+        self.logit_weight = logit_weight  # --logit-weight, or the method's default (DistillArguments.logit_weight_for)
         self.cache: TeacherCache | None = None
 
     def collator(self, examples: Examples) -> DistillCollator:
@@ -149,7 +151,7 @@ class DistillObjective:
         target, target_loss = self.prediction_target(teacher, outputs.logits.float(), batch["labels"])
         if target is not None:
             logit = logit_distill_loss(outputs.logits.float(), target, self.args.temperature)
-            total = total + (self.args.logit_weight * logit + target_loss) / accum_steps
+            total = total + (self.logit_weight * logit + target_loss) / accum_steps
             logs["logit"] = logit.item()
         return total, logs
 
@@ -157,7 +159,7 @@ class DistillObjective:
         self, teacher: TeacherOutputs, student_logits: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Logits the student's prediction is distilled towards (if any), and the loss of what made them."""
-        target = teacher.logits if self.args.logit_weight > 0 else None
+        target = teacher.logits if self.logit_weight > 0 else None
         return target, torch.zeros((), device=student_logits.device)
 
 
@@ -196,7 +198,8 @@ def build_distill_objective(
 ) -> DistillObjective:
     if not model_args.teacher:
         raise ConfigError(f"--method {method} needs --teacher")
-    uses_teacher_head = method == "mlkd" and args.logit_weight > 0
+    logit_weight = args.logit_weight_for(method)
+    uses_teacher_head = method == "mlkd" and logit_weight > 0
     teacher = to_device(load_teacher(model_args.teacher, with_head=uses_teacher_head), device)
     if uses_teacher_head and teacher.config.num_labels != model.config.num_labels:
         raise ConfigError("--logit-weight with mlkd needs a teacher with a two-label classification head")
@@ -208,18 +211,13 @@ def build_distill_objective(
         raise ConfigError(
             f"--teacher-max-length {teacher_max_length} is more than the teacher can read ({teacher_limit} tokens)"
         )
+    parts = (tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length, teacher_max_length, logit_weight)
     objective: DistillObjective
     if method == "ensemble":
         probe = nn.Linear(teacher.config.hidden_size, model.config.num_labels).to(device)
-        # The ensemble target is what this method adds: weight 1 unless --logit-weight says otherwise.
-        args = replace(args, logit_weight=args.logit_weight or 1.0)
-        objective = EnsembleObjective(
-            tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length, teacher_max_length, probe=probe
-        )
+        objective = EnsembleObjective(*parts, probe=probe)
     else:
-        objective = DistillObjective(
-            tokenizer, teacher_tokenizer, teacher, loss, args, model_args.max_length, teacher_max_length
-        )
+        objective = DistillObjective(*parts)
     if args.teacher_cache:
         objective.build_cache(train, batch_size=32, device=device)
     return objective

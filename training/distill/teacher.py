@@ -10,15 +10,32 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel
 
 from training.distill.losses import MultiLevelDistillLoss, TeacherWordFeatures
+from training.errors import ConfigError
 from training.pretrained import resolve_model
 
 log = logging.getLogger(__name__)
 
 
 def load_teacher(name_or_path: str, with_head: bool = False) -> PreTrainedModel:
-    """Eager attention (the maps are compared), eval mode, no gradients."""
-    cls = AutoModelForSequenceClassification if with_head else AutoModel
-    teacher = cls.from_pretrained(resolve_model(name_or_path), attn_implementation="eager")
+    """Eager attention (the maps are compared), eval mode, no gradients. `with_head`: with the checkpoint's
+    trained classification head, whose logits are distilled; a checkpoint without one is a ConfigError."""
+    path = resolve_model(name_or_path)
+    if not with_head:
+        teacher = AutoModel.from_pretrained(path, attn_implementation="eager")
+    else:
+        teacher, info = AutoModelForSequenceClassification.from_pretrained(
+            path, attn_implementation="eager", output_loading_info=True
+        )
+        # The loading info names the weights the checkpoint lacked, i.e. those just randomly initialised: the fact
+        # itself, where the config's `architectures` only names the class that saved it, and it needs no list of
+        # head-layer names (classifier, pooler, pre_classifier, score differ between model families).
+        if info["missing_keys"]:
+            raise ConfigError(
+                f"--teacher {name_or_path} has no trained classification head (randomly initialised: "
+                f"{', '.join(sorted(info['missing_keys']))}), so mlkd's --logit-weight would distil random logits: "
+                "use --method ensemble (its probe on the teacher learns the task), a teacher fine-tuned with a "
+                "two-label classification head, or --logit-weight 0"
+            )
     teacher.eval().requires_grad_(False)
     return teacher
 

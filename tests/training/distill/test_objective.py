@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.data.examples import Examples
@@ -21,6 +22,16 @@ from training.run_dir import RunDirectory
 def train_examples(notes):
     texts = [t for t, _ in notes[:64]]
     return Examples(texts, np.array([y for _, y in notes[:64]]), np.arange(64), "synthetic")
+
+
+@pytest.fixture(scope="module")
+def teacher_with_head_dir(tmp_path_factory, tiny_teacher_dir):
+    """The fixture teacher saved with a two-label classification head, as a teacher fine-tuned on the task is."""
+    torch.manual_seed(2)
+    out = tmp_path_factory.mktemp("teacher-with-head")
+    AutoModelForSequenceClassification.from_pretrained(tiny_teacher_dir, num_labels=2).save_pretrained(out)
+    load_tokenizer(str(tiny_teacher_dir)).save_pretrained(out)
+    return out
 
 
 def objective_for(tiny_bert_dir, tiny_teacher_dir, examples, method="mlkd", **distill):
@@ -76,7 +87,46 @@ def test_ensemble_distills_towards_the_teacher_probe_student_average(tiny_bert_d
     loss.backward()
     assert logs["logit"] > 0
     assert objective.probe.weight.grad.abs().sum() > 0
-    assert objective.args.logit_weight == 1.0
+    assert objective.logit_weight == 1.0
+
+
+def test_logit_weight_0_turns_the_ensemble_term_off(tiny_bert_dir, tiny_teacher_dir, train_examples):
+    student, default = objective_for(
+        tiny_bert_dir, tiny_teacher_dir, train_examples, method="ensemble", teacher_cache=False
+    )
+    _, off = objective_for(
+        tiny_bert_dir, tiny_teacher_dir, train_examples, method="ensemble", teacher_cache=False, logit_weight=0.0
+    )
+    assert (default.logit_weight, off.logit_weight) == (1.0, 0.0)
+    off.distill_loss.load_state_dict(default.distill_loss.state_dict())
+    off.probe.load_state_dict(default.probe.state_dict())
+    student.eval()
+    batch = default.collator(train_examples)(list(range(8)))
+    words = default.count_words(batch)
+    default_loss, default_logs = default.loss(student, batch, 1, words)
+    off_loss, off_logs = off.loss(student, batch, 1, words)
+    assert off_logs["logit"] == pytest.approx(default_logs["logit"])  # still logged
+    assert default_logs["logit"] > 0
+    torch.testing.assert_close(default_loss - off_loss, torch.tensor(default_logs["logit"]), atol=1e-5, rtol=1e-5)
+
+
+def test_mlkd_logit_distillation_needs_a_teacher_with_a_trained_head(
+    tiny_bert_dir, tiny_teacher_dir, teacher_with_head_dir, train_examples
+):
+    # The fixture teacher is a bare encoder, like an MLM-pretrained one: a head loaded onto it would be random.
+    with pytest.raises(ConfigError, match=r"no trained classification head.*--method ensemble"):
+        objective_for(tiny_bert_dir, tiny_teacher_dir, train_examples, logit_weight=1.0, teacher_cache=False)
+
+    student, objective = objective_for(
+        tiny_bert_dir, teacher_with_head_dir, train_examples, logit_weight=1.0, teacher_cache=False
+    )
+    batch = objective.collator(train_examples)(list(range(8)))
+    _, logs = objective.loss(student, batch, 1, objective.count_words(batch))
+    assert logs["logit"] > 0
+
+    _, without = objective_for(tiny_bert_dir, tiny_teacher_dir, train_examples, teacher_cache=False)
+    assert without.logit_weight == 0.0  # mlkd's default: no logit term, no head needed
+    assert "logit" not in without.loss(student, batch, 1, without.count_words(batch))[1]
 
 
 def test_the_teacher_reads_up_to_its_own_limit(tiny_bert_dir, tiny_teacher_dir, train_examples):
