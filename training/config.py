@@ -377,7 +377,18 @@ class DistillArguments:
     temperature: float = field(default=2.0, metadata={"help": "Temperature of logit distillation."})
     teacher_cache: bool = field(
         default=True,
-        metadata={"help": "Compute the frozen teacher's word features once per dataset and reuse them every epoch."},
+        metadata={
+            "help": "Compute the frozen teacher's word features once per dataset, on disk (--teacher-cache-dir), "
+            "and reuse them every epoch and in every later run with the same notes, teacher and options."
+        },
+    )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of teacher caches, one subdirectory per fingerprint of notes, teacher and options "
+            "(default: <models dir>/teacher-cache, the models dir being $TRIAGE_MODELS_DIR or models/). "
+            "A cache holds features of patient notes: keep it as private as the notes; delete it to free its space."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.collate import Positions
 from training.config import DistillArguments, Method, ModelArguments, WordPolicy
 from training.data.examples import Examples
 from training.distill.align import align_words
+from training.distill.cache import TeacherCache, default_cache_dir, load_or_build
 from training.distill.losses import MultiLevelDistillLoss, logit_distill_loss
-from training.distill.teacher import TeacherCache, TeacherOutputs, load_teacher, run_teacher
+from training.distill.teacher import TeacherOutputs, load_teacher, run_teacher
 from training.errors import ConfigError
 from training.modeling import load_tokenizer, position_limit, to_device
 from training.objectives import model_inputs
@@ -108,11 +109,13 @@ class DistillObjective:
         return int(batch["word_mask"].sum())
 
     def build_cache(self, examples: Examples, batch_size: int, device: torch.device) -> None:
+        """Replaces the teacher by its targets for `examples`, from the disk cache (see cache.py): reused when a
+        run with the same notes, teacher and options made them, else computed now."""
         if self.teacher is None:
             raise RuntimeError("the teacher cache is built already")
+        root = Path(self.args.teacher_cache_dir) if self.args.teacher_cache_dir else default_cache_dir()
         collator = self.collator(examples)
-        loader = torch.utils.data.DataLoader(Positions(len(examples)), batch_size=batch_size, collate_fn=collator)
-        self.cache = TeacherCache.build(self.teacher, self.distill_loss, loader, len(examples), device)
+        self.cache = load_or_build(root, collator, self.teacher, self.distill_loss, device, batch_size)
         self.teacher = None  # the cache replaces it: free its memory
 
     def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> TeacherOutputs:

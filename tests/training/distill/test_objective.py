@@ -56,8 +56,9 @@ def test_cached_teacher_gives_the_live_loss(tiny_bert_dir, tiny_teacher_dir, tra
     assert words > 0
     live_loss, live_logs = live.loss(student, batch, 1, words)
     cached_loss, cached_logs = cached.loss(student, batch, 1, words)
-    torch.testing.assert_close(cached_loss, live_loss, atol=1e-5, rtol=1e-5)
-    assert cached_logs["hidden"] == pytest.approx(live_logs["hidden"], abs=1e-5)
+    # The cache stores fp16: equal to fp16 precision.
+    torch.testing.assert_close(cached_loss, live_loss, atol=1e-5, rtol=1e-3)
+    assert cached_logs["hidden"] == pytest.approx(live_logs["hidden"], rel=1e-3)
 
 
 def test_gradients_reach_the_student_and_projection_not_the_teacher(tiny_bert_dir, tiny_teacher_dir, train_examples):
