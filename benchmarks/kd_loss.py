@@ -6,6 +6,9 @@ Sections:
    forward + backward on random inputs. The loop is timed as originally written (words indexed out
    of the batch outputs) and in its best case (each note split off first). The loop's loss value is
    checked against the vectorized one.
+2. step: a whole training step of the e5-small student (forward, backward, AdamW) on the same batch
+   of KTAS notes (`ko` rendering): base (sdpa and eager attention), mlkd with the teacher live and with the
+   teacher cache on disk; the steps run in turns and each median is compared with base's.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import BertConfig
 
@@ -186,6 +191,19 @@ def loss_section(shape: LossShape, repeats: int, loop_repeats: int, original_loo
 # --- Section 2: a training step ---------------------------------------------------------------
 
 
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each step, run in turns (one of each per round, after a warm-up round), so that a
+    shared machine's changing load weighs on every step alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(repeats + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 def step_section(student: str, teacher: str, batch_size: int, repeats: int, freeze_embeddings: bool) -> None:
     from training.config import ModelArguments
     from training.data.ktas import load_ktas
@@ -193,12 +211,12 @@ def step_section(student: str, teacher: str, batch_size: int, repeats: int, free
     from training.modeling import load_student, load_tokenizer, parameter_groups
     from training.objectives import CrossEntropyObjective
 
-    notes = load_ktas()
-    notes = notes.subset(torch.arange(batch_size * (repeats + 1)).numpy())
+    notes = load_ktas(render="ko").subset(np.arange(batch_size))
     tokenizer = load_tokenizer(student)
     model_args = ModelArguments(student=student, teacher=teacher)
 
-    def timed(objective, attn_implementation: str) -> float:
+    def training_step(objective, attn_implementation: str) -> Callable[[], None]:
+        """One optimizer step of a fresh student on the batch of all `notes`."""
         torch.manual_seed(0)
         model = load_student(student, attn_implementation=attn_implementation)
         model.get_input_embeddings().weight.requires_grad_(not freeze_embeddings)
@@ -206,34 +224,35 @@ def step_section(student: str, teacher: str, batch_size: int, repeats: int, free
         params = parameter_groups(model, 3e-5, 1e-3, 0.01)
         params += [{"params": [p for m in objective.extra_modules() for p in m.parameters()], "lr": 1e-3}]
         optimizer = torch.optim.AdamW(params)
-        collate = objective.collator(notes)
-        batches = iter([collate(list(range(i, i + batch_size))) for i in range(0, len(notes), batch_size)])
+        batch = objective.collator(notes)(list(range(len(notes))))
 
         def run() -> None:
-            batch = next(batches)
             loss, _ = objective.loss(model, batch, 1, objective.count_words(batch))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        return median_seconds(run, repeats)
+        return run
 
-    base = timed(CrossEntropyObjective(tokenizer, model_args.max_length), "sdpa")
-    times = {
-        "base (sdpa attention)": base,
-        "base (eager attention)": timed(CrossEntropyObjective(tokenizer, model_args.max_length), "eager"),
+    steps = {
+        "base (sdpa attention)": training_step(CrossEntropyObjective(tokenizer, model_args.max_length), "sdpa"),
+        "base (eager attention)": training_step(CrossEntropyObjective(tokenizer, model_args.max_length), "eager"),
     }
-    for cache in (False, True):
-        probe = load_student(student, attn_implementation="eager")
-        objective = build_distill_objective(
-            "mlkd", probe, tokenizer, model_args, DistillArguments(teacher_cache=cache), notes, torch.device("cpu")
-        )
-        times[f"mlkd, teacher {'cache' if cache else 'live'}"] = timed(objective, "eager")
+    with tempfile.TemporaryDirectory(prefix="teacher-cache-") as cache_dir:
+        for cache in (False, True):
+            probe = load_student(student, attn_implementation="eager")
+            options = DistillArguments(teacher_cache=cache, teacher_cache_dir=cache_dir)
+            objective = build_distill_objective(
+                "mlkd", probe, tokenizer, model_args, options, notes, torch.device("cpu")
+            )
+            steps[f"mlkd, teacher {'cache' if cache else 'live'}"] = training_step(objective, "eager")
+        times = interleaved_medians(steps, repeats)
 
+    base = times["base (sdpa attention)"]
     print("\n== 2. training step: forward + backward + AdamW ==")
     print(
-        f"student {student}, teacher {teacher}, batch {batch_size} real KTAS notes, {repeats} timed steps each, "
-        f"word embedding {'frozen' if freeze_embeddings else 'trained'}"
+        f"student {student}, teacher {teacher}, the same batch of {batch_size} KTAS notes (ko rendering) for every "
+        f"step, {repeats} timed steps each, interleaved; word embedding {'frozen' if freeze_embeddings else 'trained'}"
     )
     print(f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for name, seconds in times.items():
@@ -255,7 +274,7 @@ def main() -> None:
     parser.add_argument("--student", default="e5-small", help="student of the step section")
     parser.add_argument("--teacher", default="minilm-l6", help="teacher of the step section")
     parser.add_argument("--step-batch", type=int, default=16, help="notes per step in the step section")
-    parser.add_argument("--step-repeats", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--step-repeats", type=int, default=10, help="timed steps per configuration")
     parser.add_argument(
         "--train-embeddings",
         action="store_true",
