@@ -73,7 +73,7 @@ ABLATIONS: dict[str, dict] = {
     "attention only": {"alpha": 0.0},
     "all words": {"word_policy": "all"},
     "relation hidden loss": {"hidden_loss": "relation"},
-    "attention head by head, mse": {"attention_heads": "by-index", "attention_loss": "mse"},
+    "attention head by head with mse": {"attention_heads": "by-index", "attention_loss": "mse"},
     "teacher budget = student's": {"teacher_max_length": MAX_LENGTH},
 }
 
