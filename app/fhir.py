@@ -24,6 +24,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome, OperationOutco
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
 
+from app import audit
 from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
 from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource, refers_to
@@ -191,6 +192,7 @@ async def classify_fhir(
     classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
     now = datetime.now(UTC)
     assessments = [risk_assessment(note, result, service, now) for note, result in zip(notes, classified, strict=True)]
+    await audit.record(request, service, classified)
     if isinstance(resource, Bundle):
         return fhir_response(
             Bundle(

@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 
 from app import cds_hooks, fhir
+from app.audit import AuditTrail
 from app.auth import protected_routes
 from app.batching import DynamicBatcher
 from app.bundle import load_bundle
@@ -76,14 +77,18 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     cut: Truncation = "head" if settings.truncation == "head" else "head-tail"  # refused notes are never run
     classifier = NoteClassifier.from_bundle(bundle, settings.max_note_tokens, cut)
     classifier.predict([note.ids for note in classifier.encode([WARM_UP_TEXT])])
-    async with DynamicBatcher(
-        classifier.predict,
-        max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_wait_ms=settings.max_wait_ms,
-        queue_capacity=settings.queue_capacity,
-        on_batch=metrics.observe_batch,
-    ) as batcher:
+    # The audit trail is closed last, after the batcher has finished queued notes (whose requests write records).
+    async with (
+        AuditTrail(settings, metrics) as app.state.audit,
+        DynamicBatcher(
+            classifier.predict,
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_wait_ms=settings.max_wait_ms,
+            queue_capacity=settings.queue_capacity,
+            on_batch=metrics.observe_batch,
+        ) as batcher,
+    ):
         metrics.track_queue_depth(lambda: batcher.queue_depth)
         app.state.service = Service(settings, bundle, classifier, batcher, metrics)
         logger.info(

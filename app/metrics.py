@@ -48,6 +48,11 @@ class Metrics:
             registry=self.registry,
         )
         self.queue_depth = Gauge("triage_queue_depth", "Notes waiting for the model.", registry=self.registry)
+        self.audit_errors = Counter(
+            "triage_audit_errors",
+            "Audit records that could not be written to the audit file (each request was refused with 503).",
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

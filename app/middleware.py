@@ -54,6 +54,7 @@ class AccessLogMiddleware:
         started = time.perf_counter()
         request_id = self._request_id(scope)
         state = scope.setdefault("state", {})  # the dict behind `request.state`
+        state["request_id"] = request_id  # for the audit record
         status: int | None = None  # set when the response starts
 
         async def send_with_id(message: Message) -> None:

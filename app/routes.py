@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app import audit
 from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
 from app.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ModelInfo, NoteResult, notes_of, result_ids
@@ -40,6 +41,7 @@ async def classify(
 ) -> ClassifyResponse:
     notes = notes_of(body)
     classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
+    await audit.record(request, service, classified)
     return ClassifyResponse(
         model=service.model,
         results=[

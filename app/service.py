@@ -68,6 +68,8 @@ class Classification:
     probability: float  # P(emergency)
     threshold: float  # P(emergency) at or above which the label is emergency
     truncated: bool  # whether the note was cut to max_note_tokens (settings.truncation says how)
+    chars: int  # the note's length in characters
+    tokens: int  # tokens the model read (after any truncation)
 
 
 async def classify_texts(service: Service, texts: list[str], log_fields: LogFields) -> list[Classification]:
@@ -116,9 +118,14 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
     threshold = service.bundle.manifest.decision.threshold
     return [
         Classification(
-            "emergency" if probability >= threshold else "non-emergency", float(probability), threshold, note.truncated
+            "emergency" if probability >= threshold else "non-emergency",
+            float(probability),
+            threshold,
+            note.truncated,
+            chars=length,
+            tokens=len(note.ids),
         )
-        for note, probability in zip(encoded, probabilities, strict=True)
+        for note, probability, length in zip(encoded, probabilities, lengths, strict=True)
     ]
 
 

@@ -74,6 +74,20 @@ class Settings(BaseSettings):
     max_headers: int = Field(100, gt=0, description="Most header fields in one request (431 beyond).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     model_name: str | None = Field(None, description="Model name reported in responses (default: the bundle's).")
+    audit_file: Path | None = Field(
+        None,
+        description="Append-only JSON-lines audit file, one record per answered recommendation (created 0600); "
+        "a record that cannot be written fails its request with 503. Default: the log stream only.",
+    )
+    audit_max_bytes: int = Field(
+        100 * 2**20, ge=0, description="Audit file size at which it is rotated (renamed FILE.1, ...); 0: never."
+    )
+    audit_backups: int = Field(
+        20, gt=0, description="Rotated audit files kept; the oldest beyond them is deleted (archive them first)."
+    )
+    audit_log_stream: bool = Field(
+        True, description="Also write each audit record to the log stream (logger triage.audit)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -94,4 +108,10 @@ class Settings(BaseSettings):
                 f"max_note_tokens ({self.max_note_tokens}) exceeds max_batch_tokens "
                 f"({self.max_batch_tokens}): a longest note would fit in no batch"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_audit_has_a_sink(self) -> Settings:
+        if self.audit_file is None and not self.audit_log_stream:
+            raise ValueError("audit_log_stream is off and no audit_file is set: the audit trail would go nowhere")
         return self
