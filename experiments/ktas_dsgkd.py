@@ -358,6 +358,7 @@ def main(
     epochs: int = typer.Option(3, help="Epochs of every run."),
     threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     groups: str = typer.Option("main,ablation", help="Which parts of the grid to run: main, ablation."),
+    report_only: bool = typer.Option(False, help="Train nothing: report the runs of the grid that have finished."),
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     styles = [render] + [s for s in _items(evaluate_on) if s != render]
@@ -385,8 +386,11 @@ def main(
     runs = []
     for config in configs:
         for seed in range(seeds if config.group == "main" else seeds_ablation):
+            if report_only and not (run_dir(out, config, seed) / "wall_seconds.json").is_file():
+                continue
             runs.append(train(config, seed, out, split_file, recipe, render, styles))
             log.info("%s seed %d: %.0f s", config.name, seed, runs[-1]["wall_seconds"])
+    configs = [c for c in configs if any(r["config"] == c.name for r in runs)]
 
     stem = "ktas_dsgkd" if render == "shorthand" else f"ktas_dsgkd_{render}"
     sections, nurse = {}, {}
