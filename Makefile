@@ -26,7 +26,7 @@ ifneq ($(_installed),$(INSTALLED_AS))
 $(VENV)/.installed: FORCE
 endif
 
-.PHONY: install test lint lock serve model models clean FORCE
+.PHONY: install fhir-validator test lint lock serve model models clean FORCE
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,7 +40,13 @@ FORCE:
 
 install: $(VENV)/.installed
 
-test: install
+# The independent FHIR R4 validator (npm `fhir`) that tests/app/test_fhir_conformance.py runs: needs Node.js and npm.
+FHIR_VALIDATOR := tools/fhir-validator
+$(FHIR_VALIDATOR)/node_modules/.package-lock.json: $(FHIR_VALIDATOR)/package-lock.json
+	cd $(FHIR_VALIDATOR) && npm ci --no-audit --no-fund
+fhir-validator: $(FHIR_VALIDATOR)/node_modules/.package-lock.json
+
+test: install fhir-validator
 	$(PY) -m pytest -q
 
 lint: install
@@ -78,4 +84,4 @@ serve: model
 	$(PY) -m app serve --bundle models/default --host 0.0.0.0 --port 8000
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(FHIR_VALIDATOR)/node_modules

@@ -1,4 +1,5 @@
-"""FHIR R4 endpoint `POST /fhir/RiskAssessment/$classify`: triage notes in, RiskAssessments out.
+"""FHIR R4 endpoint `POST /fhir/RiskAssessment/$classify`: triage notes in, RiskAssessments out; and the
+definitions that describe it: `GET /fhir/metadata`, `/fhir/OperationDefinition/classify`, `/fhir/CodeSystem/{id}`.
 
 A type-level operation on RiskAssessment, the type it produces (its inputs come as DocumentReference or
 Communication, so neither of those types would name it well). Nothing is stored: the RiskAssessments are
@@ -19,24 +20,41 @@ from fastapi.routing import APIRoute
 from fhir.resources.R4B.annotation import Annotation
 from fhir.resources.R4B.bundle import Bundle, BundleEntry
 from fhir.resources.R4B.codeableconcept import CodeableConcept
-from fhir.resources.R4B.coding import Coding
+from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.operationoutcome import OperationOutcome, OperationOutcomeIssue
+from fhir.resources.R4B.reference import Reference
 from fhir.resources.R4B.resource import Resource
 from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPrediction
 
 from app import audit
 from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
-from app.fhir_notes import ACCEPTED_RESOURCES, FhirInputError, FhirNote, notes_in, parse_resource, refers_to
+from app.fhir_definitions import (
+    CODE_SYSTEMS,
+    EMERGENCY,
+    HIGH_RISK,
+    LOW_RISK,
+    NOTE_CLASSIFIER,
+    OPERATION_DEFINITION,
+    capability_statement,
+    model_device,
+)
+from app.fhir_notes import (
+    OPERATION_BODIES,
+    REFERENCE,
+    FhirInputError,
+    FhirNote,
+    classify_input,
+    parse_resource,
+    refers_to,
+)
 from app.middleware import json_error
 from app.service import Classification, Service, ServiceError, classify_texts, describe_cut
 
 FHIR_JSON = "application/fhir+json"
 ACCEPTED_CONTENT_TYPES = (FHIR_JSON, "application/json")
-OUTCOME_SYSTEM = "urn:dsgkd-triage:outcome"
-MODEL_SYSTEM = "urn:dsgkd-triage:model"
-CLASSIFY_PATH = "/fhir/RiskAssessment/$classify"
-REFERENCE = r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9.-]{1,64}$"  # a relative literal reference, e.g. Patient/123
+FHIR_BASE = "/fhir"
+CLASSIFY_PATH = f"{FHIR_BASE}/RiskAssessment/$classify"
 SUBJECT_HELP = (
     "Optional, e.g. `Patient/123`: the patient the caller is acting for. Every note's subject must then be that "
     "relative reference (or it is refused with 422, business-rule), so that no other patient's note is scored."
@@ -84,7 +102,7 @@ router = APIRouter(route_class=FhirRoute, tags=["FHIR R4"])
 _REQUEST_SCHEMA = {
     "type": "object",
     "required": ["resourceType"],
-    "properties": {"resourceType": {"enum": list(ACCEPTED_RESOURCES)}},
+    "properties": {"resourceType": {"enum": list(OPERATION_BODIES)}},
 }
 _EXAMPLE_NOTE = {
     "resourceType": "DocumentReference",
@@ -109,13 +127,16 @@ _EXAMPLE_NOTE = {
     response_class=Response,
     summary="Classify FHIR triage notes; answer with RiskAssessments",
     description=(
-        "Body (`application/fhir+json` or `application/json`): a **DocumentReference** (the note as a "
-        "`text/plain` `content[].attachment.data`, base64, in the contentType's `charset`, default UTF-8), a "
-        "**Communication** (`payload[].contentString` or a `text/plain` `contentAttachment`), or a **Bundle** "
-        "(type collection, batch, transaction or searchset) of them.\n\n"
-        "Answer: one **RiskAssessment** per note (`prediction[0].outcome` coded emergency / non-emergency in "
-        f"`{OUTCOME_SYSTEM}`, `probabilityDecimal` = P(emergency), `basis` = the note's resource, `subject` and "
-        "`encounter` copied from it); for a Bundle, a Bundle of type `collection` holding them in entry order.\n\n"
+        "Body (`application/fhir+json` or `application/json`): a **Parameters** resource (parameters `resource`, "
+        "`note`, `subject`, `encounter`, as `GET /fhir/OperationDefinition/classify` defines them), or the note "
+        "resource itself: a **DocumentReference** (the note as a `text/plain` `content[].attachment.data`, base64, "
+        "in the contentType's `charset`, default UTF-8), a **Communication** (`payload[].contentString` or a "
+        "`text/plain` `contentAttachment`), or a **Bundle** (type collection, batch, transaction or searchset) of "
+        "them.\n\n"
+        "Answer: one **RiskAssessment** per note (`prediction[0]`: outcome `emergency`, `probabilityDecimal` = "
+        "P(emergency), `qualitativeRisk` high at or above the model's threshold, else low; `basis` = the note's "
+        "resource, `subject` and `encounter` copied from it, `performer` = the model as a contained Device); for a "
+        "Bundle or several notes, a Bundle of type `collection` holding them in request order.\n\n"
         "This is a type-level operation on RiskAssessment, the type it produces. Nothing is stored. Errors are "
         "OperationOutcomes, which never quote the note."
     ),
@@ -139,7 +160,8 @@ _EXAMPLE_NOTE = {
                 (
                     400,
                     "OperationOutcome: body not JSON (or nested too deep, a number too long, bad gzip), not a valid "
-                    "FHIR resource (incl. bad base64), or a subject/encounter parameter that is not a reference.",
+                    "FHIR resource (incl. bad base64), a subject/encounter parameter that is not a relative "
+                    "reference or is given twice, or a parameter $classify does not define.",
                 ),
                 (401, "OperationOutcome: missing or invalid bearer token (when api_keys are set)."),
                 (408, "OperationOutcome: body not received within body_timeout_s."),
@@ -162,11 +184,12 @@ async def classify_fhir(
     subject: Annotated[str | None, Query(pattern=REFERENCE, description=SUBJECT_HELP)] = None,
     encounter: Annotated[str | None, Query(pattern=REFERENCE, description=ENCOUNTER_HELP)] = None,
 ) -> Response:
-    resource = parse_resource(await request.body())
-    log_fields(request)["fhir_resource"] = resource.get_resource_type()
-    notes = notes_in(resource)
+    body = parse_resource(await request.body())
+    log_fields(request)["fhir_resource"] = body.get_resource_type()
+    asked = classify_input(body, subject, encounter)
+    subject, encounter, notes = asked.subject, asked.encounter, asked.notes
     if not notes:
-        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", "the Bundle holds no note to classify")
+        raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", "the request holds no note to classify")
     missing_subject = [position for position, note in enumerate(notes) if note.subject is None]
     if missing_subject:
         raise FhirInputError(
@@ -191,9 +214,12 @@ async def classify_fhir(
         )
     classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
     now = datetime.now(UTC)
-    assessments = [risk_assessment(note, result, service, now) for note, result in zip(notes, classified, strict=True)]
+    device = model_device(service)
+    assessments = [
+        risk_assessment(note, result, service, device, now) for note, result in zip(notes, classified, strict=True)
+    ]
     await audit.record(request, service, classified)
-    if isinstance(resource, Bundle):
+    if asked.bundled:
         return fhir_response(
             Bundle(
                 type="collection", timestamp=now, entry=[BundleEntry(resource=assessment) for assessment in assessments]
@@ -202,10 +228,60 @@ async def classify_fhir(
     return fhir_response(assessments[0])
 
 
-def risk_assessment(note: FhirNote, result: Classification, service: Service, now: datetime) -> RiskAssessment:
+_DEFINITION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The resource.", "content": {FHIR_JSON: {"schema": {"type": "object"}}}},
+    404: {"description": "OperationOutcome: no such resource.", "content": {FHIR_JSON: {"schema": {"type": "object"}}}},
+}
+
+
+@router.get(
+    f"{FHIR_BASE}/metadata",
+    response_class=Response,
+    summary="The server's CapabilityStatement (open: no token needed)",
+    responses={200: _DEFINITION_RESPONSES[200]},
+)
+async def metadata(request: Request) -> Response:
+    fhir_base_url = str(request.base_url).rstrip("/") + FHIR_BASE
+    api_keys_set = bool(request.app.state.settings.api_keys)
+    return fhir_response(capability_statement(fhir_base_url, api_keys_set, datetime.now(UTC)))
+
+
+@router.get(
+    f"{FHIR_BASE}/OperationDefinition/{{definition_id}}",
+    response_class=Response,
+    summary="The OperationDefinition of $classify (id `classify`; open)",
+    responses=_DEFINITION_RESPONSES,
+)
+async def operation_definition(definition_id: str) -> Response:
+    return _read("OperationDefinition", {"classify": OPERATION_DEFINITION}, definition_id)
+
+
+@router.get(
+    f"{FHIR_BASE}/CodeSystem/{{code_system_id}}",
+    response_class=Response,
+    summary="A CodeSystem of the service's RiskAssessments (`triage-outcome`, `triage-method`; open)",
+    responses=_DEFINITION_RESPONSES,
+)
+async def code_system(code_system_id: str) -> Response:
+    return _read("CodeSystem", CODE_SYSTEMS, code_system_id)
+
+
+def _read(resource_type: str, resources: Mapping[str, Resource], resource_id: str) -> Response:
+    if resource_id not in resources:
+        raise FhirInputError(
+            HTTPStatus.NOT_FOUND, "not-found", f"no such {resource_type}; this server has {', '.join(resources)}"
+        )
+    return fhir_response(resources[resource_id])
+
+
+def risk_assessment(
+    note: FhirNote, result: Classification, service: Service, device: Device, now: datetime
+) -> RiskAssessment:
+    """The assessment of one note: P(emergency), high or low against the threshold, by the model `device`."""
     model = service.model
     manifest = service.bundle.manifest
-    comparison = ">=" if result.label == "emergency" else "<"
+    emergency = result.label == "emergency"
+    comparison = ">=" if emergency else "<"
     note_text = (
         f"Emergency when P(emergency) >= threshold {result.threshold:.4f} (policy: "
         f"{manifest.decision.policy}); here {result.probability:.4f} {comparison} {result.threshold:.4f}."
@@ -213,22 +289,20 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
     if result.truncated:
         note_text += f" The note was longer than the model reads; {describe_cut(service)} were read."
     return RiskAssessment(
+        contained=[device],
         status="final",
         subject=note.subject,
         encounter=note.encounter,
         basis=[note.source],
         occurrenceDateTime=now,
+        performer=Reference(reference=f"#{device.id}"),
         code=CodeableConcept(text="Emergency-department triage: needs emergency care"),
-        method=CodeableConcept(
-            coding=[Coding(system=MODEL_SYSTEM, code=model.name, version=model.version)],
-            text=f"Triage note classifier {model.name} {model.version}",
-        ),
+        method=CodeableConcept(coding=[NOTE_CLASSIFIER], text=f"Triage note classifier {model.name} {model.version}"),
         prediction=[
             RiskAssessmentPrediction(
-                outcome=CodeableConcept(
-                    coding=[Coding(system=OUTCOME_SYSTEM, code=result.label, display=result.label)], text=result.label
-                ),
+                outcome=CodeableConcept(coding=[EMERGENCY], text="Needs emergency care"),
                 probabilityDecimal=result.probability,
+                qualitativeRisk=CodeableConcept(coding=[HIGH_RISK if emergency else LOW_RISK], text=result.label),
             )
         ],
         note=[Annotation(text=note_text)],
@@ -237,8 +311,8 @@ def risk_assessment(note: FhirNote, result: Classification, service: Service, no
 
 def body_error(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """The errors answered before routing (token, body type, size, encoding, time, shape): an OperationOutcome
-    on the FHIR endpoint, the service's own JSON error elsewhere."""
-    if path == CLASSIFY_PATH:
+    on the FHIR endpoints, the service's own JSON error elsewhere."""
+    if path.startswith(f"{FHIR_BASE}/"):
         return fhir_response(operation_outcome(ISSUE_CODES.get(status, "exception"), message), status, headers)
     return json_error(path, status, message, headers)
 

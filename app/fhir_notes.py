@@ -1,4 +1,5 @@
-"""Triage notes out of FHIR R4 resources: a DocumentReference, a Communication, or a Bundle of them.
+"""Triage notes out of FHIR R4 resources: a DocumentReference, a Communication, or a Bundle of them; and the
+input of the `$classify` operation, which is one of those or a Parameters resource.
 
 Resources are parsed and validated with `fhir.resources.R4B`: FHIR R4B changed none of the resources
 used here (DocumentReference, Communication, Bundle, RiskAssessment, OperationOutcome) from R4, so
@@ -13,14 +14,18 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TypeVar, cast
 
 from fastapi import HTTPException
+from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.attachment import Attachment
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.documentreference import DocumentReference
+from fhir.resources.R4B.parameters import Parameters, ParametersParameter
 from fhir.resources.R4B.reference import Reference
 from pydantic import ValidationError
 
@@ -32,6 +37,11 @@ NOTE_RESOURCES: dict[str, type[DocumentReference] | type[Communication]] = {
     "Communication": Communication,
 }
 ACCEPTED_RESOURCES: dict[str, type[AcceptedResource]] = {**NOTE_RESOURCES, "Bundle": Bundle}
+# The body of $classify: a note resource as above, or a Parameters resource (the standard way to call an operation).
+OperationBody = AcceptedResource | Parameters
+OPERATION_BODIES: dict[str, type[OperationBody]] = {**ACCEPTED_RESOURCES, "Parameters": Parameters}
+PARAMETER_NAMES = ("resource", "note", "subject", "encounter")
+REFERENCE = r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9.-]{1,64}$"  # a relative literal reference, e.g. Patient/123
 BUNDLE_TYPES = ("collection", "batch", "transaction", "searchset")
 # Searchset entries that are not search results: resources included alongside them, and OperationOutcomes.
 NOT_SEARCH_MATCHES = ("include", "outcome")
@@ -59,32 +69,54 @@ class FhirNote:
     encounter: Reference | None
 
 
-def parse_resource(body: bytes) -> AcceptedResource:
-    """The request body as a validated DocumentReference, Communication or Bundle."""
+@dataclass(frozen=True)
+class ClassifyInput:
+    """What a $classify request asks for: its notes in request order, the relative references (e.g. Patient/123)
+    of the patient and encounter they must be about, if given, and whether the answer is a Bundle."""
+
+    notes: list[FhirNote]
+    subject: str | None
+    encounter: str | None
+    bundled: bool
+
+
+def parse_resource(body: bytes) -> OperationBody:
+    """The request body of $classify as a validated DocumentReference, Communication, Bundle or Parameters."""
     try:
         data = json.loads(body)
     except json.JSONDecodeError as error:
         raise FhirInputError(
             HTTPStatus.BAD_REQUEST, "structure", f"body is not JSON (line {error.lineno}, column {error.colno})"
         ) from None
-    return validate_resource(data, "body")
+    return _validated(data, "body", OPERATION_BODIES)
 
 
 def validate_resource(data: object, where: str) -> AcceptedResource:
     """`data` (a parsed JSON value found at `where`) as a validated DocumentReference, Communication or Bundle."""
+    return _validated(data, where, ACCEPTED_RESOURCES)
+
+
+_Accepted = TypeVar("_Accepted", bound=OperationBody)
+
+
+def _validated(data: object, where: str, accepted: Mapping[str, type[_Accepted]]) -> _Accepted:
     resource_type = data.get("resourceType") if isinstance(data, dict) else None
     if not isinstance(resource_type, str):
         raise FhirInputError(HTTPStatus.BAD_REQUEST, "structure", f"{where} is not a FHIR resource (no resourceType)")
-    if resource_type not in ACCEPTED_RESOURCES:
+    if resource_type not in accepted:
         shown = repr(resource_type) if _RESOURCE_TYPE_NAME.fullmatch(resource_type) else "given"
         raise FhirInputError(
             HTTPStatus.UNPROCESSABLE_ENTITY,
             "not-supported",
-            f"{where}: resourceType {shown} is not accepted; send a DocumentReference, a "
-            f"Communication or a Bundle of them",
+            f"{where}: resourceType {shown} is not accepted; send one of {', '.join(accepted)}",
+        )
+    if _names_an_unknown_type(data):
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST, "structure", f"{where}: a resource inside it has an unknown resourceType"
         )
     try:
-        return ACCEPTED_RESOURCES[resource_type].model_validate(data)
+        # mypy types model_validate of a type[_Accepted] as the bound, not as _Accepted.
+        return cast(_Accepted, accepted[resource_type].model_validate(data))
     except ValidationError as error:
         # Location and message only: pydantic's `input` would be the note itself.
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or resource_type}: {e['msg']}" for e in error.errors())
@@ -93,11 +125,108 @@ def validate_resource(data: object, where: str) -> AcceptedResource:
         ) from None
 
 
-def notes_in(resource: AcceptedResource) -> list[FhirNote]:
+def _names_an_unknown_type(value: object) -> bool:
+    """Whether a resource nested in `value` (a parsed JSON value) has a resourceType that names no FHIR type:
+    fhir.resources raises KeyError or TypeError on one, not a ValidationError."""
+    if isinstance(value, list):
+        return any(_names_an_unknown_type(item) for item in value)
+    if not isinstance(value, dict):
+        return False
+    resource_type = value.get("resourceType")
+    if resource_type is not None and not (isinstance(resource_type, str) and _is_fhir_type(resource_type)):
+        return True
+    return any(_names_an_unknown_type(item) for item in value.values())
+
+
+def _is_fhir_type(name: str) -> bool:
+    try:
+        get_fhir_model_class(name)
+    except ValueError:
+        return False
+    return True
+
+
+def classify_input(body: OperationBody, subject: str | None, encounter: str | None) -> ClassifyInput:
+    """The notes of a $classify body, and the patient and encounter they must be about: `subject` and `encounter`
+    are the URL's query parameters, or the Parameters' parameters of those names (not both).
+
+    A Parameters body holds `resource` parameters (a DocumentReference, Communication or Bundle) and `note`
+    parameters (plain text in valueString, about `subject`), read in order. The answer is a Bundle when a
+    Bundle was sent or there is more than one note."""
+    if not isinstance(body, Parameters):
+        return ClassifyInput(notes_in(body), subject, encounter, bundled=isinstance(body, Bundle))
+    given = body.parameter or []
+    unknown = [position for position, parameter in enumerate(given) if parameter.name not in PARAMETER_NAMES]
+    if unknown:
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST,
+            "not-supported",
+            f"Parameters.parameter at positions {unknown}: not a parameter of $classify (those are "
+            f"{', '.join(PARAMETER_NAMES)})",
+        )
+    subject = _reference_parameter(given, "subject", subject)
+    encounter = _reference_parameter(given, "encounter", encounter)
+    notes: list[FhirNote] = []
+    for position, parameter in enumerate(given):
+        where = f"Parameters.parameter[{position}]"
+        if parameter.name == "resource":
+            if not isinstance(parameter.resource, DocumentReference | Communication | Bundle):
+                raise FhirInputError(
+                    HTTPStatus.UNPROCESSABLE_ENTITY,
+                    "not-supported",
+                    f"{where}: a resource parameter must hold a DocumentReference, a Communication or a Bundle of them",
+                )
+            notes += notes_in(parameter.resource, f"{where}.resource")
+        elif parameter.name == "note":
+            notes.append(_text_note(parameter.valueString, where, subject, encounter))
+    bundled = len(notes) > 1 or any(isinstance(parameter.resource, Bundle) for parameter in given)
+    return ClassifyInput(notes, subject, encounter, bundled)
+
+
+def _reference_parameter(given: list[ParametersParameter], name: str, in_url: str | None) -> str | None:
+    """The relative reference (e.g. Patient/123) in the valueReference of the parameter `name`, else `in_url`."""
+    found = [position for position, parameter in enumerate(given) if parameter.name == name]
+    if not found:
+        return in_url
+    if len(found) > 1 or in_url is not None:
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST, "invalid", f"{name} is given more than once (as a parameter or in the URL)"
+        )
+    value = given[found[0]].valueReference
+    if value is None or value.reference is None or not re.fullmatch(REFERENCE, value.reference):
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST,
+            "invalid",
+            f"Parameters.parameter[{found[0]}] ({name}): needs a valueReference whose reference is relative, "
+            f"e.g. Patient/123",
+        )
+    return value.reference
+
+
+def _text_note(text: str | None, where: str, subject: str | None, encounter: str | None) -> FhirNote:
+    if text is None:
+        raise FhirInputError(HTTPStatus.BAD_REQUEST, "invalid", f"{where}: a note parameter needs a valueString")
+    if subject is None:
+        raise FhirInputError(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            "required",
+            f"{where}: a note given as text needs the subject parameter (RiskAssessment.subject is required)",
+        )
+    return FhirNote(
+        _checked(text, where),
+        Reference(display=f"{where} of the request (note text)"),
+        Reference(reference=subject),
+        Reference(reference=encounter) if encounter is not None else None,
+    )
+
+
+def notes_in(resource: AcceptedResource, where: str | None = None) -> list[FhirNote]:
     """The notes of a DocumentReference or Communication (one), or of a Bundle of them (in entry order; none
-    when it has no entries, or only a searchset's included resources)."""
+    when it has no entries, or only a searchset's included resources). `where`: the resource's place in the
+    request, for error messages (default: its type)."""
+    where = where or resource.get_resource_type()
     if not isinstance(resource, Bundle):
-        return [_note_of(resource, resource.get_resource_type(), full_url=None)]
+        return [_note_of(resource, where, full_url=None)]
     if resource.type not in BUNDLE_TYPES:
         raise FhirInputError(
             HTTPStatus.UNPROCESSABLE_ENTITY, "not-supported", f"Bundle.type must be one of {', '.join(BUNDLE_TYPES)}"
@@ -106,14 +235,14 @@ def notes_in(resource: AcceptedResource) -> list[FhirNote]:
     for position, entry in enumerate(resource.entry or []):
         if entry.search is not None and entry.search.mode in NOT_SEARCH_MATCHES:
             continue
-        where = f"Bundle.entry[{position}].resource"
+        entry_where = f"{where}.entry[{position}].resource"
         if not isinstance(entry.resource, DocumentReference | Communication):
             raise FhirInputError(
                 HTTPStatus.UNPROCESSABLE_ENTITY,
                 "not-supported",
-                f"{where}: a Bundle entry must be a DocumentReference or a Communication",
+                f"{entry_where}: a Bundle entry must be a DocumentReference or a Communication",
             )
-        notes.append(_note_of(entry.resource, where, entry.fullUrl))
+        notes.append(_note_of(entry.resource, entry_where, entry.fullUrl))
     return notes
 
 
@@ -125,11 +254,16 @@ def _note_of(resource: DocumentReference | Communication, where: str, full_url: 
     else:
         text = _communication_text(resource, where)
         encounter = resource.encounter
+    return FhirNote(_checked(text, where), _reference_to(resource, where, full_url), resource.subject, encounter)
+
+
+def _checked(text: str, where: str) -> str:
+    """`text`, refused (422) when it is blank or holds a lone surrogate."""
     problem = text_problem(text)
     if problem is not None:
         issue_code = "required" if problem == BLANK else "invalid"
         raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, issue_code, f"{where}: the note text {problem}")
-    return FhirNote(text, _reference_to(resource, where, full_url), resource.subject, encounter)
+    return text
 
 
 def _document_text(document: DocumentReference, where: str) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
 import pandas as pd
 import pytest
+import uvicorn
 
 from app.main import create_app
+from app.server import server_options
 from app.settings import Settings
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.export import export_bundle
@@ -70,3 +75,28 @@ def serve():
     """`async with serve(settings) as client`: the real app over HTTP, with its lifespan (bundle loaded, batcher
     running) unless `lifespan=False`."""
     return _serve
+
+
+@contextmanager
+def _running_server(settings: Settings) -> Iterator[tuple[str, int]]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), **server_options(settings)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    try:
+        yield listener.getsockname()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def running_server():
+    """`with running_server(settings) as (host, port)`: the real server (uvicorn with `app.server`'s protocol) on a
+    free loopback port, in a thread."""
+    return _running_server

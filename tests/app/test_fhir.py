@@ -1,19 +1,34 @@
-"""POST /fhir/RiskAssessment/$classify with the real tiny bundle, through the app's lifespan.
+"""POST /fhir/RiskAssessment/$classify with the real tiny bundle, through the app's lifespan; the definitions
+served beside it (CapabilityStatement, OperationDefinition, CodeSystems).
 
 All notes are SYNTHETIC."""
 
 import base64
 import logging
 import time
+from importlib.metadata import version
 
 import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+from fhir.resources.R4B.codesystem import CodeSystem
+from fhir.resources.R4B.operationdefinition import OperationDefinition
 from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from app.bundle import load_bundle
-from app.fhir import CLASSIFY_PATH, FHIR_JSON, MODEL_SYSTEM, OUTCOME_SYSTEM
+from app.fhir import CLASSIFY_PATH, FHIR_JSON
+from app.fhir_definitions import (
+    CODE_SYSTEMS,
+    DEVICE_ID,
+    METHOD_SYSTEM,
+    MODEL_SHA256_SYSTEM,
+    OPERATION_URL,
+    OUTCOME_SYSTEM,
+    RISK_PROBABILITY,
+)
+from app.fhir_notes import PARAMETER_NAMES
 from app.inference import NoteClassifier
 from app.logs import JsonFormatter
 
@@ -45,6 +60,13 @@ def document(text: str, document_id: str | None = "doc-1", **attachment_options)
     return resource
 
 
+def parameters(*parameter: dict) -> dict:
+    return {"resourceType": "Parameters", "parameter": list(parameter)}
+
+
+SUBJECT = {"name": "subject", "valueReference": {"reference": "Patient/p-1"}}
+
+
 async def post_fhir(client: httpx.AsyncClient, resource: dict, **options) -> httpx.Response:
     return await client.post(
         CLASSIFY_PATH, json=resource, headers={**FHIR_HEADERS, **options.pop("headers", {})}, **options
@@ -70,13 +92,23 @@ async def test_a_document_reference_gets_a_valid_risk_assessment(serve, settings
     probability = float(NoteClassifier.from_bundle(bundle).predict_proba([NOTES[0]])[0])
     assert float(prediction.probabilityDecimal) == pytest.approx(probability, abs=1e-5)
     [outcome] = prediction.outcome.coding
+    assert (outcome.system, outcome.code) == (OUTCOME_SYSTEM, "emergency")  # the outcome P is the probability of
     threshold = bundle.manifest.decision.threshold
-    assert outcome.system == OUTCOME_SYSTEM
-    assert outcome.code == prediction.outcome.text == ("emergency" if probability >= threshold else "non-emergency")
+    label = "emergency" if probability >= threshold else "non-emergency"
+    [risk] = prediction.qualitativeRisk.coding
+    assert (risk.system, risk.code) == (RISK_PROBABILITY, "high" if label == "emergency" else "low")
+    assert prediction.qualitativeRisk.text == label
     [method] = assessment.method.coding
-    assert (method.system, method.code, method.version) == (MODEL_SYSTEM, bundle.manifest.name, bundle.manifest.version)
+    assert (method.system, method.code) == (METHOD_SYSTEM, "note-classifier")
     assert f"{threshold:.4f}" in assessment.note[0].text
     assert assessment.occurrenceDateTime.tzinfo is not None
+    [device] = assessment.contained
+    assert assessment.performer.reference == f"#{device.id}" == f"#{DEVICE_ID}"
+    [sha256] = device.identifier
+    served = bundle.manifest.variants[bundle.variant]
+    assert (sha256.system, sha256.value) == (MODEL_SHA256_SYSTEM, served.sha256) and served.file in sha256.type.text
+    assert [version.value for version in device.version] == [bundle.manifest.version]
+    assert device.deviceName[0].name == bundle.manifest.name
 
 
 async def test_a_bundle_of_three_notes_gets_three_risk_assessments_in_order(serve, settings, bundle):
@@ -160,6 +192,53 @@ async def test_a_communication_is_classified_from_its_text_payloads(serve, setti
     assert float(assessment.prediction[0].probabilityDecimal) == pytest.approx(expected, abs=1e-5)
 
 
+async def test_parameters_give_notes_as_text_and_as_resources_answered_in_order(serve, settings, bundle):
+    body = parameters(
+        SUBJECT,
+        {"name": "note", "valueString": NOTES[0]},
+        {"name": "resource", "resource": document(NOTES[1])},
+        {
+            "name": "resource",
+            "resource": {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": document(NOTES[2], "d2")}],
+            },
+        },
+    )
+    async with serve(settings()) as client:
+        response = await post_fhir(client, body)
+    assert response.status_code == 200
+    assessments = [entry.resource for entry in Bundle.model_validate(response.json()).entry]
+    assert [float(a.prediction[0].probabilityDecimal) for a in assessments] == pytest.approx(
+        NoteClassifier.from_bundle(bundle).predict_proba(NOTES).tolist(), abs=1e-5
+    )
+    assert [a.subject.reference for a in assessments] == ["Patient/p-1"] * 3
+    assert [a.basis[0].reference for a in assessments[1:]] == ["DocumentReference/doc-1", "DocumentReference/d2"]
+    assert assessments[0].basis[0].display == "Parameters.parameter[1] of the request (note text)"
+    assert assessments[0].encounter is None
+
+
+async def test_one_note_in_parameters_gets_one_risk_assessment_and_the_subject_is_checked(serve, settings):
+    async with serve(settings()) as client:
+        one = await post_fhir(client, parameters({"name": "resource", "resource": document(NOTES[0])}))
+        guarded = await post_fhir(client, parameters(SUBJECT, {"name": "resource", "resource": document(NOTES[0])}))
+        other_patient = await post_fhir(
+            client,
+            parameters(
+                {"name": "subject", "valueReference": {"reference": "Patient/p-2"}},
+                {"name": "resource", "resource": document(NOTES[0])},
+            ),
+        )
+        twice = await client.post(
+            f"{CLASSIFY_PATH}?subject=Patient/p-1", json=parameters(SUBJECT), headers=FHIR_HEADERS
+        )
+    assert one.status_code == guarded.status_code == 200
+    assert RiskAssessment.model_validate(one.json()).basis[0].reference == "DocumentReference/doc-1"
+    assert other_patient.status_code == 422 and outcome_of(other_patient).issue[0].code == "business-rule"
+    assert twice.status_code == 400 and "subject is given more than once" in outcome_of(twice).issue[0].diagnostics
+
+
 MARKER = "ZQX-FHIR-5521"
 SECRET_NOTE = f"CC: seizure {MARKER}"
 
@@ -206,6 +285,28 @@ SECRET_NOTE = f"CC: seizure {MARKER}"
             422,
             "required",
         ),
+        (
+            {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": {"resourceType": MARKER}}]},
+            400,
+            "structure",
+        ),
+        ({"resourceType": "Bundle", "type": "batch", "entry": [{"resource": {"resourceType": 5}}]}, 400, "structure"),
+        ({"resourceType": "Parameters"}, 422, "required"),
+        (parameters(SUBJECT, {"name": MARKER, "valueString": SECRET_NOTE}), 400, "not-supported"),
+        (parameters({"name": "note", "valueString": SECRET_NOTE}), 422, "required"),
+        (parameters(SUBJECT, {"name": "note", "valueString": "\u200b"}), 422, "required"),
+        (parameters(SUBJECT, {"name": "note", "valueInteger": 5}), 400, "invalid"),
+        (parameters(SUBJECT, SUBJECT, {"name": "note", "valueString": SECRET_NOTE}), 400, "invalid"),
+        (
+            parameters(
+                {"name": "subject", "valueReference": {"reference": f"https://x.org/Patient/{MARKER}"}},
+                {"name": "note", "valueString": SECRET_NOTE},
+            ),
+            400,
+            "invalid",
+        ),
+        (parameters({"name": "resource", "resource": {"resourceType": "Patient", "id": MARKER}}), 422, "not-supported"),
+        (parameters({"name": "resource", "resource": document(SECRET_NOTE) | {"priority": MARKER}}), 400, "structure"),
     ],
 )
 async def test_invalid_input_gets_an_operation_outcome_without_the_note(serve, settings, body, status, issue_code):
@@ -284,3 +385,36 @@ async def test_note_text_ids_and_patients_never_reach_the_logs(serve, settings, 
     captured = capsys.readouterr()
     assert MARKER not in formatted + caplog.text + captured.out + captured.err
     assert f'route="{CLASSIFY_PATH}",status="200"' in metrics
+
+
+async def test_the_definitions_are_served_without_a_token_and_match_the_operation(serve, settings):
+    async with serve(settings(api_keys=["k1"])) as client:
+        metadata = await client.get("/fhir/metadata")
+        definition = await client.get("/fhir/OperationDefinition/classify")
+        code_systems = [await client.get(f"/fhir/CodeSystem/{code_system_id}") for code_system_id in CODE_SYSTEMS]
+        missing = await client.get("/fhir/CodeSystem/no-such-code-system")
+    assert all(r.headers["content-type"] == FHIR_JSON for r in (metadata, definition, *code_systems))
+    statement = CapabilityStatement.model_validate(metadata.json())
+    assert (statement.kind, statement.fhirVersion, statement.format) == ("instance", "4.0.1", ["json"])
+    assert (statement.software.name, statement.software.version) == ("dsgkd-triage", version("dsgkd-triage"))
+    assert statement.implementation.url == "http://test/fhir"
+    [rest] = statement.rest
+    assert rest.security.cors is False and "needs `Authorization: Bearer <key>`" in rest.security.description
+    assert [(r.type, [(o.name, o.definition) for o in r.operation or []]) for r in rest.resource] == [
+        ("RiskAssessment", [("classify", OPERATION_URL)]),
+        ("OperationDefinition", []),
+        ("CodeSystem", []),
+    ]
+    operation = OperationDefinition.model_validate(definition.json())
+    assert (operation.url, operation.code, operation.resource) == (OPERATION_URL, "classify", ["RiskAssessment"])
+    assert operation.type and not operation.system and not operation.instance and not operation.affectsState
+    assert [p.name for p in operation.parameter if p.use == "in"] == list(PARAMETER_NAMES)
+    assert [(p.name, p.type, p.min, p.max) for p in operation.parameter if p.use == "out"] == [
+        ("return", "Resource", 1, "1")
+    ]
+    served = [CodeSystem.model_validate(response.json()) for response in code_systems]
+    assert [(c.url, [concept.code for concept in c.concept]) for c in served] == [
+        (OUTCOME_SYSTEM, ["emergency"]),
+        (METHOD_SYSTEM, ["note-classifier"]),
+    ]
+    assert missing.status_code == 404 and outcome_of(missing).issue[0].code == "not-found"

@@ -11,22 +11,15 @@ import logging
 import shutil
 import socket
 import statistics
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 from app.bundle import BundleError, load_bundle
 from app.cds_hooks import PREFETCH_KEY, SERVICE_ID
 from app.fhir import CLASSIFY_PATH, FHIR_JSON
 from app.logs import JsonFormatter
-from app.main import create_app
-from app.server import server_options
-from app.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -263,24 +256,6 @@ def test_a_damaged_variant_is_refused_at_load_even_when_another_is_served(tiny_b
 # 3. Slow clients and huge heads, and statuses the server sends itself: the real server on a loopback port.
 
 
-@contextmanager
-def running_server(settings: Settings) -> Iterator[tuple[str, int]]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), **server_options(settings)))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "the server did not start"
-    try:
-        yield listener.getsockname()
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def raw_answer(address: tuple[str, int], request: bytes, wait_s: float = 5) -> tuple[bytes, float]:
     """The status line the server sends for `request`, and the seconds until the connection was closed."""
     started = time.monotonic()
@@ -300,7 +275,7 @@ def server_settings(settings):
     return settings(header_timeout_s=1.0, body_timeout_s=1.0, max_header_bytes=8192, max_headers=50)
 
 
-def test_slow_clients_are_cut_off_within_the_timeout_while_others_are_served_fast(server_settings):
+def test_slow_clients_are_cut_off_within_the_timeout_while_others_are_served_fast(running_server, server_settings):
     slow_count = 20
     with running_server(server_settings) as address:
         slow = []
@@ -336,13 +311,13 @@ def test_slow_clients_are_cut_off_within_the_timeout_while_others_are_served_fas
     assert len(latencies) > 50 and p99 < 0.100, f"p99 {p99 * 1000:.1f} ms over {len(latencies)} requests"
 
 
-def test_a_silent_connection_is_closed_after_the_head_timeout(server_settings):
+def test_a_silent_connection_is_closed_after_the_head_timeout(running_server, server_settings):
     with running_server(server_settings) as address:
         status, seconds = raw_answer(address, b"")
     assert status == b"" and 0.8 < seconds < 3
 
 
-def test_huge_heads_get_431_and_a_closed_connection(server_settings):
+def test_huge_heads_get_431_and_a_closed_connection(running_server, server_settings):
     with running_server(server_settings) as address:
         one_big = raw_answer(address, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n")
         many = raw_answer(
@@ -354,7 +329,7 @@ def test_huge_heads_get_431_and_a_closed_connection(server_settings):
     assert fine[0] == b"HTTP/1.1 200 OK"
 
 
-def test_a_body_arriving_in_the_same_read_as_a_long_head_is_not_taken_for_the_head(server_settings):
+def test_a_body_arriving_in_the_same_read_as_a_long_head_is_not_taken_for_the_head(running_server, server_settings):
     body = json.dumps({"text": NOTE + " " * 15_000}).encode()  # larger than max_header_bytes
     request = (
         b"POST /classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
@@ -365,7 +340,7 @@ def test_a_body_arriving_in_the_same_read_as_a_long_head_is_not_taken_for_the_he
     assert status == b"HTTP/1.1 200 OK"
 
 
-def test_a_malformed_chunked_body_is_logged_with_the_400_the_server_sent(server_settings, caplog):
+def test_a_malformed_chunked_body_is_logged_with_the_400_the_server_sent(running_server, server_settings, caplog):
     caplog.set_level(logging.INFO, logger="app.access")
     request = (
         b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
