@@ -35,6 +35,7 @@ InferenceSession = ort.InferenceSession
 logger = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
+MODEL_CARD_FILE = "MODEL_CARD.md"  # written by the export, not in the manifest: documentation, not served model
 TOKENIZER_FILE = "tokenizer.json"
 VARIANTS = ("fp32", "int8", "fp16")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"

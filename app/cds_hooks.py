@@ -1,17 +1,25 @@
-"""CDS Hooks 2.0 service `triage-note` on the `patient-view` hook: a card with the triage-note classification.
+"""CDS Hooks 2.0 service `triage-note` on the `patient-view` hook: a card with the triage-note classification,
+and its feedback endpoint.
 
 `patient-view` is a hook every CDS Hooks client implements; it fires when a chart is opened, which in
-an emergency department follows triage. The note comes prefetched as the patient's latest triage note
-(LOINC 54094-8 "Emergency department Triage note"), or, for callers without a FHIR server, as plain
-text in `context.triageNoteText` (a field of this service, not of the hook).
+an emergency department follows triage. The note comes prefetched as the latest current triage note of the
+encounter in context (LOINC 54094-8 "Emergency department Triage note"), or, for callers without a FHIR server, as
+plain text in `context.triageNoteText` (a field of this service, not of the hook).
 
-Status codes follow the specification: 400 for a malformed request, 412 when the note is neither
-prefetched nor in the context (this service does not query the client's FHIR server itself).
+Each card has a uuid, its source and a link pointing at the model card (/model-card), and override reasons; the
+client reports what the clinician did with it to the feedback endpoint, counted in /metrics.
+
+Callers authenticate with an api key or a JWT signed by a trusted EHR (app.auth, app.cds_auth). Status codes
+follow the specification: 400 for a malformed request, 412 when the note is neither prefetched nor in the context
+(this service does not query the client's FHIR server itself).
 """
 
 from __future__ import annotations
 
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
@@ -20,20 +28,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fhir.resources.R4B.reference import Reference
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.auth import require_api_key
+from app.auth import require_cds_client
+from app.cds_auth import EhrTokens
 from app.dependencies import log_fields, ready_service
 from app.fhir_notes import FhirNote, notes_in, refers_to, validate_resource
+from app.routes import MODEL_CARD_PATH
 from app.schemas import ErrorResponse
 from app.service import INTENDED_USE, Classification, LogFields, Service, classify_texts, describe_cut
+from app.settings import Settings
 from app.text import NoteText
 
 SERVICE_ID = "triage-note"
+SERVICE_PATH = f"/cds-services/{SERVICE_ID}"
+FEEDBACK_PATH = f"{SERVICE_PATH}/feedback"
 HOOK = "patient-view"
 PREFETCH_KEY = "triageNote"
 TRIAGE_NOTE_LOINC = "54094-8"
 CONTEXT_NOTE_KEY = "triageNoteText"
+ISSUED_CARDS_KEPT = 10_000  # card uuids remembered, so that feedback on other cards is counted as unknown
+MAX_FEEDBACK = 100  # feedback entries in one request
+OVERRIDE_REASON_SYSTEM = "urn:dsgkd-triage:cds-override-reason"
+# Offered on every card, and the only reasons counted by code in /metrics (any other is counted as "other").
+OVERRIDE_REASONS = {
+    "clinical-assessment-differs": "My clinical assessment differs",
+    "note-incomplete": "Triage note incomplete or outdated",
+    "already-acted-on": "Already acted on",
+}
 
 
 class CdsRoute(APIRoute):
@@ -101,19 +123,91 @@ class CdsRequest(BaseModel):
     )
 
 
+class Coding(BaseModel):
+    code: str = Field(min_length=1, max_length=256)
+    system: str | None = Field(None, max_length=1024)
+    display: str | None = Field(None, max_length=1024)
+
+
 class Source(BaseModel):
     label: str
+    url: str = Field(description="Absolute URL of the model card.")
+
+
+class Link(BaseModel):
+    label: str
+    url: str
+    type: Literal["absolute", "smart"]
 
 
 class Card(BaseModel):
+    uuid: str = Field(description="Unique per card; the feedback endpoint takes it back.")
     summary: str = Field(max_length=139)
     detail: str = Field(description="GitHub-flavoured markdown.")
     indicator: Literal["info", "warning", "critical"]
     source: Source
+    links: list[Link]
+    overrideReasons: list[Coding]
 
 
 class CdsResponse(BaseModel):
     cards: list[Card]
+
+
+class AcceptedSuggestion(BaseModel):
+    id: str = Field(max_length=256)
+
+
+class OverrideReason(BaseModel):
+    reason: Coding | None = None
+    userComment: str | None = Field(None, description="Free text: accepted, never stored, logged or counted.")
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extension: accepted, unused
+
+    card: str = Field(min_length=1, max_length=256, description="The uuid of a card this service returned.")
+    outcome: Literal["accepted", "overridden"]
+    acceptedSuggestions: list[AcceptedSuggestion] | None = Field(None, max_length=MAX_FEEDBACK)
+    overrideReason: OverrideReason | None = None
+    outcomeTimestamp: datetime
+
+    @model_validator(mode="after")
+    def _reason_only_when_overridden(self) -> Feedback:
+        if self.overrideReason is not None and self.outcome != "overridden":
+            raise ValueError("overrideReason is only for outcome 'overridden'")
+        return self
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extension: accepted, unused
+
+    feedback: list[Feedback] = Field(min_length=1, max_length=MAX_FEEDBACK)
+
+
+class IssuedCards:
+    """The uuids of the last ISSUED_CARDS_KEPT cards this process returned (in memory: a restart forgets them)."""
+
+    def __init__(self, size: int = ISSUED_CARDS_KEPT) -> None:
+        self.size = size
+        self.uuids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, uuids: list[str]) -> None:
+        for card_uuid in uuids:
+            self.uuids[card_uuid] = None
+        while len(self.uuids) > self.size:
+            self.uuids.popitem(last=False)
+
+    def __contains__(self, card_uuid: str) -> bool:
+        return card_uuid in self.uuids
+
+
+def ehr_tokens(settings: Settings) -> EhrTokens | None:
+    """The verifier of EHR-signed JWTs, whose audience is this service's endpoint (or its feedback endpoint)."""
+    if not settings.jwt_issuers or settings.public_url is None:  # the settings require public_url with issuers
+        return None
+    audiences = [f"{settings.public_url}{SERVICE_PATH}", f"{settings.public_url}{FEEDBACK_PATH}"]
+    return EhrTokens(settings.jwt_issuers, settings.jwt_algorithms, audiences, settings.jwt_leeway_s)
 
 
 DISCOVERY = Discovery(
@@ -126,8 +220,8 @@ DISCOVERY = Discovery(
             "patient needs emergency care, and shows it as a card: critical at or above the model's decision "
             "threshold, info below it. Decision support for triage staff, not a diagnosis.",
             prefetch={
-                PREFETCH_KEY: f"DocumentReference?patient={{{{context.patientId}}}}"
-                f"&type=http://loinc.org|{TRIAGE_NOTE_LOINC}&_sort=-date&_count=1"
+                PREFETCH_KEY: "DocumentReference?patient={{context.patientId}}&encounter={{context.encounterId}}"
+                f"&type=http://loinc.org|{TRIAGE_NOTE_LOINC}&status=current&_sort=-date&_count=1"
             },
         )
     ]
@@ -139,14 +233,24 @@ async def discovery() -> Discovery:
     return DISCOVERY
 
 
+UNAUTHORIZED_HELP = {
+    "model": ErrorResponse,
+    "description": "Missing or invalid bearer token: an api key or an EHR-signed JWT (when either is configured); "
+    "the detail names the failed check.",
+}
+
+
 @router.post(
-    f"/cds-services/{SERVICE_ID}",
+    SERVICE_PATH,
     response_model=CdsResponse,
-    dependencies=[Depends(require_api_key)],
-    summary="CDS Hooks service: a card with the classification of the patient's triage note",
+    dependencies=[Depends(require_cds_client)],
+    summary="CDS Hooks service: a card with the classification of the triage note of the encounter",
     responses={
-        400: {"model": ErrorResponse, "description": "Malformed request, or a prefetched note for another patient."},
-        401: {"model": ErrorResponse, "description": "Missing or invalid bearer token (when api_keys are set)."},
+        400: {
+            "model": ErrorResponse,
+            "description": "Malformed request, or a prefetched note for another patient or encounter.",
+        },
+        401: UNAUTHORIZED_HELP,
         412: {
             "model": ErrorResponse,
             "description": f"No `{PREFETCH_KEY}` prefetch and no `context.{CONTEXT_NOTE_KEY}`.",
@@ -166,24 +270,70 @@ async def triage_note(
     if not notes:
         return CdsResponse(cards=[])  # the patient has no triage note: nothing to say
     classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
-    return CdsResponse(cards=[card(note, result, service) for note, result in zip(notes, classified, strict=True)])
+    model_card_url = f"{service.settings.public_url or str(request.base_url).rstrip('/')}{MODEL_CARD_PATH}"
+    cards = [card(note, result, service, model_card_url) for note, result in zip(notes, classified, strict=True)]
+    issued_cards(request).add([issued.uuid for issued in cards])
+    return CdsResponse(cards=cards)
+
+
+@router.post(
+    FEEDBACK_PATH,
+    dependencies=[Depends(require_cds_client)],
+    response_class=Response,
+    summary="CDS Hooks feedback: what the clinician did with a card (accepted, or overridden with a reason)",
+    responses={
+        200: {"description": "Feedback counted (`triage_cds_feedback_total` in /metrics)."},
+        400: {"model": ErrorResponse, "description": "Malformed feedback."},
+        401: UNAUTHORIZED_HELP,
+        408: {"model": ErrorResponse, "description": "Body not received within body_timeout_s."},
+        413: {"model": ErrorResponse, "description": "Body over max_body_bytes."},
+        415: {"model": ErrorResponse, "description": "Content-Type not JSON, or Content-Encoding other than gzip."},
+    },
+)
+async def feedback(body: Annotated[FeedbackRequest, Body()], request: Request) -> Response:
+    """Counted by outcome and override reason code (a code of OVERRIDE_REASONS, else "other"; "none" without one).
+    Feedback on a card this process did not issue (before a restart, by another replica) is counted too, and also in
+    triage_cds_feedback_unknown_card_total. Nothing else is kept: no comment, no card uuid."""
+    metrics = request.app.state.metrics
+    unknown = [entry for entry in body.feedback if entry.card not in issued_cards(request)]
+    for entry in body.feedback:
+        metrics.cds_feedback.labels(service=SERVICE_ID, outcome=entry.outcome, reason=reason_label(entry)).inc()
+    metrics.cds_feedback_unknown_cards.labels(service=SERVICE_ID).inc(len(unknown))
+    log_fields(request).update(feedback=len(body.feedback), unknown_cards=len(unknown))
+    return Response(status_code=HTTPStatus.OK)
+
+
+def reason_label(entry: Feedback) -> str:
+    reason = entry.overrideReason.reason if entry.overrideReason is not None else None
+    if reason is None:
+        return "none"
+    if reason.code in OVERRIDE_REASONS and reason.system in (None, OVERRIDE_REASON_SYSTEM):
+        return reason.code
+    return "other"
+
+
+def issued_cards(request: Request) -> IssuedCards:
+    cards: IssuedCards = request.app.state.issued_cards
+    return cards
 
 
 def notes_of(body: CdsRequest, fields: LogFields) -> list[FhirNote]:
     """The note in the context, else the prefetched notes; none when the prefetch is null (the client found
     no triage note) or an empty search result.
 
-    A prefetched note is scored only when its subject provably is the context patient (`refers_to`): a note
-    whose subject is missing, given by identifier or display only, or on another server is refused (400), as
-    its card would be shown in this patient's chart."""
+    A prefetched note is scored only when its subject provably is the context patient, and its encounter the context
+    encounter when there is one (`refers_to`): a note whose subject or encounter is missing, given by identifier or
+    display only, or on another server is refused (400), as its card would be shown in this patient's chart as
+    this visit's."""
     if body.context.triageNoteText is not None:
         source = Reference(display=f"context.{CONTEXT_NOTE_KEY}")
         return [FhirNote(body.context.triageNoteText, source, subject=None, encounter=None)]
     prefetch = body.prefetch or {}
     if PREFETCH_KEY not in prefetch:
+        needs_encounter = " (its template needs context.encounterId)" if body.context.encounterId is None else ""
         raise HTTPException(
             HTTPStatus.PRECONDITION_FAILED,
-            f"prefetch '{PREFETCH_KEY}' is missing and context.{CONTEXT_NOTE_KEY} is not given; "
+            f"prefetch '{PREFETCH_KEY}' is missing{needs_encounter} and context.{CONTEXT_NOTE_KEY} is not given; "
             f"this service does not query the FHIR server itself",
         )
     if prefetch[PREFETCH_KEY] is None:
@@ -200,10 +350,23 @@ def notes_of(body: CdsRequest, fields: LogFields) -> list[FhirNote]:
             f"prefetched notes at positions {unproven} are not provably about context.patientId: "
             f"DocumentReference.subject must reference Patient/{{patientId}}, relative or on fhirServer",
         )
+    if body.context.encounterId is not None:
+        encounter = f"Encounter/{body.context.encounterId}"
+        unproven = [
+            position for position, note in enumerate(notes) if not refers_to(note.encounter, encounter, body.fhirServer)
+        ]
+        if unproven:
+            fields.update(refused="encounter-not-context-encounter", refused_notes=len(unproven))
+            raise HTTPException(
+                HTTPStatus.BAD_REQUEST,
+                f"prefetched notes at positions {unproven} are not provably of context.encounterId: "
+                f"DocumentReference.context.encounter must reference Encounter/{{encounterId}}, relative or on "
+                f"fhirServer",
+            )
     return notes
 
 
-def card(note: FhirNote, result: Classification, service: Service) -> Card:
+def card(note: FhirNote, result: Classification, service: Service, model_card_url: str) -> Card:
     model = service.model
     emergency = result.label == "emergency"
     comparison = "≥" if emergency else "<"
@@ -225,8 +388,16 @@ def card(note: FhirNote, result: Classification, service: Service) -> Card:
         lines.append(f"**Truncated:** the note was longer than the model reads; {describe_cut(service)} were read.")
     lines.append(f"*Decision support for triage staff, not a diagnosis.* {INTENDED_USE}")
     return Card(
+        uuid=str(uuid.uuid4()),
         summary=summary,
         detail="\n\n".join(lines),
         indicator="critical" if emergency else "info",
-        source=Source(label=f"ED triage classifier ({model.name} {model.version})"),
+        source=Source(label=f"ED triage classifier ({model.name} {model.version})", url=model_card_url),
+        links=[
+            Link(label="Model card: intended use, data, performance, limitations", url=model_card_url, type="absolute")
+        ],
+        overrideReasons=[
+            Coding(system=OVERRIDE_REASON_SYSTEM, code=code, display=display)
+            for code, display in OVERRIDE_REASONS.items()
+        ],
     )

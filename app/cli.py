@@ -9,10 +9,10 @@ import functools
 import inspect
 import os
 from collections.abc import Callable
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticUndefined
 
 from app.settings import Settings
@@ -33,19 +33,20 @@ def settings_flags(command: Callable[[Settings], Any]) -> Callable[..., Any]:
     """Turn `command(settings)` into a typer command taking one flag per `Settings` field.
 
     A flag left out is not passed on (its default is None), so the environment or the field's
-    default applies.
+    default applies. A field of pydantic models (jwt_issuers) is one flag of JSON text, as in the environment.
     """
     parameters = []
     for name, field in Settings.model_fields.items():
         env = f"env {Settings.model_config['env_prefix']}{name.upper()}"
         shown_default = field.default not in (PydanticUndefined, None) and field.default_factory is None
         help_text = f"{field.description} ({f'default {field.default}; ' if shown_default else ''}{env})"
+        flag_type = str if _holds_models(field.annotation) else field.annotation
         parameters.append(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[Optional[field.annotation], typer.Option(help=help_text)],  # noqa: UP045 (a runtime type)
+                annotation=Annotated[Optional[flag_type], typer.Option(help=help_text)],  # noqa: UP045 (a runtime type)
             )
         )
 
@@ -61,6 +62,10 @@ def settings_flags(command: Callable[[Settings], Any]) -> Callable[..., Any]:
 
     with_settings.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]  # read by typer
     return with_settings
+
+
+def _holds_models(annotation: Any) -> bool:
+    return any(isinstance(arg, type) and issubclass(arg, BaseModel) for arg in get_args(annotation))
 
 
 @cli.command()

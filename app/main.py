@@ -12,16 +12,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 
 from app import cds_hooks, fhir
 from app.audit import AuditTrail
-from app.auth import protected_routes
+from app.auth import Authenticator, protected_routes
 from app.batching import DynamicBatcher
 from app.bundle import load_bundle
 from app.dependencies import log_fields
 from app.inference import NoteClassifier, Truncation
 from app.metrics import Metrics
-from app.middleware import AccessLogMiddleware, ApiKeyMiddleware, RequestBodyMiddleware
+from app.middleware import AccessLogMiddleware, BearerAuthMiddleware, RequestBodyMiddleware
 from app.routes import router
 from app.service import Service, ServiceError
 from app.settings import Settings
@@ -40,6 +41,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.service = None
+    app.state.authenticator = Authenticator(settings.api_keys, cds_hooks.ehr_tokens(settings))
+    app.state.issued_cards = cds_hooks.IssuedCards()
     routers = (router, fhir.router, cds_hooks.router)
     for included in routers:
         app.include_router(included)
@@ -55,11 +58,22 @@ def create_app(settings: Settings) -> FastAPI:
         error_response=fhir.body_error,
     )
     app.add_middleware(
-        ApiKeyMiddleware,
-        api_keys=settings.api_keys,
+        BearerAuthMiddleware,
+        authenticator=app.state.authenticator,
         routes=protected_routes(routes),
         error_response=fhir.body_error,
     )
+    if settings.cors_origins:
+        # Around the token check: a browser's preflight (OPTIONS, without Authorization) is answered here, and a
+        # 401 carries the CORS headers that let the page read it.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Content-Encoding", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
     app.add_middleware(
         AccessLogMiddleware,
         metrics=app.state.metrics,

@@ -53,6 +53,18 @@ class Metrics:
             "Audit records that could not be written to the audit file (each request was refused with 503).",
             registry=self.registry,
         )
+        self.cds_feedback = Counter(
+            "triage_cds_feedback",
+            "CDS Hooks card feedback by service, outcome and override reason (a code of the service, none or other).",
+            ["service", "outcome", "reason"],
+            registry=self.registry,
+        )
+        self.cds_feedback_unknown_cards = Counter(
+            "triage_cds_feedback_unknown_card",
+            "CDS Hooks feedback on a card this process did not issue (before a restart, by another replica, unknown).",
+            ["service"],
+            registry=self.registry,
+        )
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route=route, status=str(status)).inc()

@@ -1,5 +1,5 @@
-"""ASGI middleware: request id, access log and metrics; bearer-token check before the body is read; request
-body checks (type, encoding, size, time, JSON shape)."""
+"""ASGI middleware: request id, access log and metrics; bearer-token check before the body is read (CORS, when set,
+goes around it in app.main); request body checks (type, encoding, size, time, JSON shape)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.auth import UNAUTHORIZED, bearer_token, valid_api_key
+from app.auth import AUTHENTICATED, Authenticator, Unauthorized, accepts_ehr_jwt, bearer_token
 from app.metrics import Metrics
 
 logger = logging.getLogger("app.access")
@@ -117,30 +117,41 @@ def json_error(path: str, status: int, message: str, headers: Mapping[str, str] 
     return JSONResponse({"detail": message}, status_code=status, headers=headers)
 
 
-class ApiKeyMiddleware:
-    """401 for a protected route (one that depends on `require_api_key`) without a valid bearer token, before
-    the request body is read or parsed: an unauthenticated caller learns nothing about what the body should
-    be. The route's dependency checks the same token again, so a route is never open by a slip here."""
+class BearerAuthMiddleware:
+    """401 for a protected route (one that depends on `require_api_key` or `require_cds_client`) without a bearer
+    token that `app.auth.Authenticator` accepts, before the request body is read or parsed: an unauthenticated
+    caller learns nothing about what the body should be. The route's dependency checks again, unless this let the
+    request in (its `AUTHENTICATED` state), so a route is never open by a slip here."""
 
     def __init__(
-        self, app: ASGIApp, api_keys: list[str], routes: list[APIRoute], error_response: ErrorResponse = json_error
+        self,
+        app: ASGIApp,
+        authenticator: Authenticator,
+        routes: list[APIRoute],
+        error_response: ErrorResponse = json_error,
     ) -> None:
         self.app = app
-        self.api_keys = api_keys
+        self.authenticator = authenticator
         self.routes = routes
         self.error_response = error_response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self.api_keys
-            and any(route.matches(scope)[0] is not Match.NONE for route in self.routes)
-            and not valid_api_key(bearer_token(Headers(scope=scope).get("authorization")), self.api_keys)
-        ):
-            refused = self.error_response(scope["path"], 401, UNAUTHORIZED, {"WWW-Authenticate": "Bearer"})
-            await refused(scope, receive, send)
-            return
+        route = self._protected_route(scope) if scope["type"] == "http" else None
+        if route is not None:
+            state = scope.setdefault("state", {})
+            token = bearer_token(Headers(scope=scope).get("authorization"))
+            try:
+                state[AUTHENTICATED] = await self.authenticator.authenticate(token, accepts_ehr_jwt(route))
+            except Unauthorized as error:
+                state.setdefault("log_fields", {})["auth_refused"] = error.code
+                await self.error_response(scope["path"], error.status, error.message, error.headers)(
+                    scope, receive, send
+                )
+                return
         await self.app(scope, receive, send)
+
+    def _protected_route(self, scope: Scope) -> APIRoute | None:
+        return next((route for route in self.routes if route.matches(scope)[0] is not Match.NONE), None)
 
 
 class RequestBodyMiddleware:

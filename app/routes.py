@@ -1,19 +1,23 @@
-"""HTTP routes of the service's own API: /classify, /v1/model, /metrics, /healthz, /readyz."""
+"""HTTP routes of the service's own API: /classify, /v1/model, /metrics, /healthz, /readyz, /model-card."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from app import audit
 from app.auth import require_api_key
+from app.bundle import MODEL_CARD_FILE
 from app.dependencies import log_fields, ready_service
 from app.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ModelInfo, NoteResult, notes_of, result_ids
 from app.service import INTENDED_USE, Service, classify_texts
 
 router = APIRouter()
+MODEL_CARD_PATH = "/model-card"
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -106,3 +110,20 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> dict[str, str]:
     ready_service(request)
     return {"status": "ready"}
+
+
+@router.get(
+    MODEL_CARD_PATH,
+    response_class=PlainTextResponse,
+    summary="The bundle's model card (markdown): intended use, data, metrics, calibration, threshold, limitations",
+    responses={200: {"content": {"text/plain": {}}}, 404: _error(f"The bundle has no {MODEL_CARD_FILE}.")},
+)
+async def model_card(request: Request) -> PlainTextResponse:
+    """Open like discovery: CDS Hooks cards link here, and a clinician's browser carries no token. Sent as text/plain,
+    which every browser shows (some download text/markdown)."""
+    path = request.app.state.settings.bundle / MODEL_CARD_FILE
+    try:
+        text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+    except FileNotFoundError:
+        raise HTTPException(404, f"the bundle has no {MODEL_CARD_FILE}") from None
+    return PlainTextResponse(text)

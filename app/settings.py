@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.cds_auth import ASYMMETRIC_ALGORITHMS, static_key
+
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]+)?")
+
+
+class TrustedIssuer(BaseModel):
+    """An EHR whose signed JWTs the CDS Hooks routes accept (`app.cds_auth`): keys from its JWK Set URL, or static."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    iss: str = Field(min_length=1, description="The `iss` of its tokens, compared exactly.")
+    jwks_url: str | None = Field(
+        None,
+        pattern=r"^https://\S+$",
+        description="Its JWK Set URL: keys fetched by `kid`, cached 5 minutes; a token's `jku`, if any, must be it.",
+    )
+    keys: list[str | dict[str, Any]] = Field(
+        default_factory=list,
+        description="Or its public keys, for a hospital without access to a JWK Set URL: each a PEM text or a JWK.",
+    )
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> TrustedIssuer:
+        if (self.jwks_url is None) == (not self.keys):
+            raise ValueError(f"issuer {self.iss}: give either jwks_url or keys")
+        for position, key in enumerate(self.keys):
+            try:
+                static_key(key)
+            except ValueError as error:
+                raise ValueError(f"issuer {self.iss}, keys[{position}]: {error}") from None
+        return self
 
 
 class Settings(BaseSettings):
@@ -55,6 +89,33 @@ class Settings(BaseSettings):
         description="Bearer tokens accepted by /classify, /v1/model and /metrics; none set = no auth. "
         "Environment: comma-separated.",
     )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?$",
+        description="This service's base URL as EHRs and browsers reach it, e.g. https://triage.example.org: the "
+        "audience of EHR-signed JWTs is {public_url}/cds-services/triage-note, and CDS Hooks cards link to "
+        "{public_url}/model-card. Default: the URL each request came to (set it behind a proxy).",
+    )
+    jwt_issuers: Annotated[list[TrustedIssuer], NoDecode] = Field(
+        default_factory=list,
+        description="EHRs whose signed JWTs (CDS Hooks 2.0) the CDS Hooks service and feedback accept, besides "
+        'api_keys: a JSON list of {"iss": ..., "jwks_url": ...} or {"iss": ..., "keys": [PEM or JWK, ...]}. '
+        "Needs public_url.",
+    )
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "RS384", "ES256", "ES384"],
+        min_length=1,
+        description="Signature algorithms accepted in EHR-signed JWTs: asymmetric only (never none or HS*, which "
+        "CDS Hooks forbids; api_keys are the shared-secret option). Environment: comma-separated.",
+    )
+    jwt_leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed when checking an EHR-signed JWT's exp and iat."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the service (CORS), e.g. https://sandbox.cds-hooks.org, or * "
+        "for any; none set = no CORS. Environment: comma-separated.",
+    )
     max_body_bytes: int = Field(
         1_048_576, gt=0, description="Largest request body in bytes, after gzip decompression too (413 beyond)."
     )
@@ -89,12 +150,55 @@ class Settings(BaseSettings):
         True, description="Also write each audit record to the log stream (logger triage.audit)."
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "jwt_algorithms", "cors_origins", mode="before")
     @classmethod
     def _split_comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @field_validator("jwt_issuers", mode="before")
+    @classmethod
+    def _parse_json(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"not JSON: {error.msg} at character {error.pos}") from None
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _check_asymmetric(cls, algorithms: list[str]) -> list[str]:
+        refused = [algorithm for algorithm in algorithms if algorithm not in ASYMMETRIC_ALGORITHMS]
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)} not accepted: use {', '.join(ASYMMETRIC_ALGORITHMS)} (CDS Hooks forbids none "
+                "and shared-secret HS* JWTs; api_keys are the shared-secret option)"
+            )
+        return algorithms
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], without path or trailing slash")
+        return origins
+
+    @field_validator("public_url")
+    @classmethod
+    def _strip_trailing_slash(cls, url: str | None) -> str | None:
+        return None if url is None else url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_jwt_audience(self) -> Settings:
+        if self.jwt_issuers and self.public_url is None:
+            raise ValueError(
+                "jwt_issuers are set but public_url is not: EHR-signed JWTs are checked for the audience "
+                "{public_url}/cds-services/triage-note"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_limits_fit(self) -> Settings:
