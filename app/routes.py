@@ -13,7 +13,17 @@ from app import audit
 from app.auth import require_api_key
 from app.bundle import MODEL_CARD_FILE
 from app.dependencies import log_fields, ready_service
-from app.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, ModelInfo, NoteResult, notes_of, result_ids
+from app.explain import WordContribution
+from app.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    ExplainedWord,
+    ModelInfo,
+    NoteResult,
+    notes_of,
+    result_ids,
+)
 from app.service import INTENDED_USE, Service, classify_texts
 
 router = APIRouter()
@@ -27,13 +37,17 @@ def _error(description: str) -> dict[str, Any]:
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
+    response_model_exclude_none=True,  # no explanation field unless asked for
     dependencies=[Depends(require_api_key)],
     summary="Classify triage notes as emergency or non-emergency",
     responses={
         400: _error("Body not valid UTF-8, JSON or gzip; JSON nested too deep or a number too long."),
         401: _error("Missing or invalid bearer token (when api_keys are set)."),
         408: _error("Body not received within body_timeout_s."),
-        413: _error("Body, note count or note length over the limit; note tokens over it with truncation refuse."),
+        413: _error(
+            "Body, note count or note length over the limit; note tokens over it with truncation refuse; "
+            "more than explain_max_words words with explain."
+        ),
         415: _error("Content-Type not application/json, or Content-Encoding other than gzip."),
         429: _error("Queue full; retry after Retry-After seconds."),
         500: _error("The model failed."),
@@ -44,7 +58,7 @@ async def classify(
     body: Annotated[ClassifyRequest, Body()], request: Request, service: Annotated[Service, Depends(ready_service)]
 ) -> ClassifyResponse:
     notes = notes_of(body)
-    classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
+    classified = await classify_texts(service, [note.text for note in notes], log_fields(request), explain=body.explain)
     await audit.record(request, service, classified)
     return ClassifyResponse(
         model=service.model,
@@ -55,10 +69,18 @@ async def classify(
                 probability=result.probability,
                 threshold=result.threshold,
                 truncated=result.truncated,
+                explanation=None if result.explanation is None else _explained_words(result.explanation),
             )
             for note_id, result in zip(result_ids(notes), classified, strict=True)
         ],
     )
+
+
+def _explained_words(explanation: tuple[WordContribution, ...]) -> list[ExplainedWord]:
+    return [
+        ExplainedWord(word=item.word.text, start=item.word.start, end=item.word.end, contribution=item.contribution)
+        for item in explanation
+    ]
 
 
 @router.get(

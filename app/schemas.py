@@ -9,6 +9,10 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 from app.text import NoteText
 
 EXAMPLE_NOTE = "3세 남아 보호자 동반 내원. CC: seizure. BT 38.9, HR 150"
+EXPLAIN = (
+    "Also return each note's explanation: the words whose deletion moves P(emergency) most. Costs one model run "
+    "per word; at most explain_max_words words over the request (413 beyond)."
+)
 
 
 class Note(BaseModel):
@@ -38,6 +42,7 @@ class NotesRequest(BaseModel):
         description="Notes to classify; results come back in this order. "
         "Ids must be unique, counting a missing id as the position.",
     )
+    explain: bool = Field(False, description=EXPLAIN)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> NotesRequest:
@@ -55,19 +60,35 @@ def result_ids(notes: list[Note]) -> list[str]:
     return [note.id if note.id is not None else str(position) for position, note in enumerate(notes)]
 
 
+class SingleNoteRequest(Note):
+    explain: bool = Field(False, description=EXPLAIN)
+
+
 def _request_shape(body: Any) -> str:
     return "notes" if isinstance(body, dict) and "notes" in body else "single"
 
 
 ClassifyRequest = Annotated[
-    Annotated[NotesRequest, Tag("notes")] | Annotated[Note, Tag("single")],
+    Annotated[NotesRequest, Tag("notes")] | Annotated[SingleNoteRequest, Tag("single")],
     Discriminator(_request_shape),
 ]
-"""Either `{"notes": [...]}` or one note `{"text": ..., "id"?: ...}`."""
+"""Either `{"notes": [...], "explain"?: ...}` or one note `{"text": ..., "id"?: ..., "explain"?: ...}`."""
 
 
 def notes_of(request: NotesRequest | Note) -> list[Note]:
     return request.notes if isinstance(request, NotesRequest) else [request]
+
+
+class ExplainedWord(BaseModel):
+    word: str = Field(description="The word as written in the note: text[start:end].")
+    start: int = Field(ge=0, description="Index of its first character in the note's text (Unicode code points).")
+    end: int = Field(gt=0, description="Index just past its last character.")
+    contribution: float = Field(
+        ge=-1,
+        le=1,
+        description="P(emergency) of the note minus P(emergency) of the note with this word deleted: positive "
+        "when the word pushed the note towards emergency.",
+    )
 
 
 class NoteResult(BaseModel):
@@ -77,6 +98,12 @@ class NoteResult(BaseModel):
     threshold: float = Field(ge=0, le=1, description="Probability at or above which the label is emergency.")
     truncated: bool = Field(
         description="Whether the note was longer than max_note_tokens and cut (keeping its head and tail, by default)."
+    )
+    explanation: list[ExplainedWord] | None = Field(
+        None,
+        description="Only with explain: true: the explain_top_k words whose deletion moves P(emergency) most, "
+        "largest |contribution| first ([] for a note without words). How sensitive this model is to each word, "
+        "not a clinical cause.",
     )
 
 

@@ -1,5 +1,6 @@
 """The service core, free of HTTP: the loaded model with its batcher (`Service`) and `classify_texts`, the path
-from note texts to labels that /classify, FHIR and CDS Hooks share.
+from note texts to labels (and, on request, explanations: app/explain.py) that /classify, FHIR and CDS Hooks
+share.
 
 Its errors are `ServiceError`s carrying the HTTP status they stand for; each router words them in its own
 protocol (the service's JSON error, an OperationOutcome, a CDS Hooks error).
@@ -8,12 +9,14 @@ protocol (the service's JSON error, an OperationOutcome, a CDS Hooks error).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Literal
 
 from app.batching import DynamicBatcher, InferenceFailed, QueueFull, ShuttingDown
 from app.bundle import Bundle
+from app.explain import Word, WordContribution, explanations, note_words, variants
 from app.inference import NoteClassifier
 from app.metrics import Metrics
 from app.schemas import ModelRef
@@ -70,11 +73,15 @@ class Classification:
     truncated: bool  # whether the note was cut to max_note_tokens (settings.truncation says how)
     chars: int  # the note's length in characters
     tokens: int  # tokens the model read (after any truncation)
+    # With explain: the words that moved P(emergency) most, largest |contribution| first (app/explain.py).
+    explanation: tuple[WordContribution, ...] | None = None
 
 
-async def classify_texts(service: Service, texts: list[str], log_fields: LogFields) -> list[Classification]:
+async def classify_texts(
+    service: Service, texts: list[str], log_fields: LogFields, *, explain: bool = False
+) -> list[Classification]:
     """Labels of `texts`, in order: the note limits (413), tokenization, the dynamic batcher (429, 503, 500)
-    and the bundle's threshold. Adds counts to `log_fields`."""
+    and the bundle's threshold; with `explain`, each with its explanation. Adds counts to `log_fields`."""
     settings = service.settings
     lengths = [len(text) for text in texts]
     log_fields.update(notes=len(texts), text_chars_total=sum(lengths), text_chars_max=max(lengths))
@@ -90,7 +97,15 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
             f"notes at positions {too_long} exceed {settings.max_note_chars} characters",
         )
 
-    encoded = await asyncio.to_thread(service.classifier.encode, texts)
+    words: list[list[Word]] = [[] for _ in texts]
+    if explain:
+        words = _words_to_explain(texts, settings.explain_max_words)
+        log_fields.update(explained_words=sum(len(its_words) for its_words in words))
+    # A note's variants (one per word deleted) are queued with the notes as one request: they run in batches
+    # planned by the batcher's token budget, count against its queue and timeout like any notes, and the note's
+    # own probability comes from the same run as theirs.
+    encoded_all = await asyncio.to_thread(service.classifier.encode, [*texts, *variants(texts, words)])
+    encoded = encoded_all[: len(texts)]
     truncated = [position for position, note in enumerate(encoded) if note.truncated]
     log_fields.update(tokens_total=sum(len(note.ids) for note in encoded), truncated=len(truncated))
     if truncated and settings.truncation == "refuse":
@@ -100,7 +115,7 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
         )
 
     try:
-        probabilities = await service.batcher.classify([note.ids for note in encoded], settings.request_timeout_s)
+        scored = await service.batcher.classify([note.ids for note in encoded_all], settings.request_timeout_s)
     except QueueFull:
         raise ServiceError(HTTPStatus.TOO_MANY_REQUESTS, "queue full, retry later", retry=True) from None
     except ShuttingDown:
@@ -115,6 +130,12 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
         raise ServiceError(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed on this request") from None
 
     service.metrics.notes_truncated.inc(len(truncated))
+    probabilities = scored[: len(texts)]
+    explained: Sequence[tuple[WordContribution, ...] | None] = (
+        explanations(words, probabilities, scored[len(texts) :], settings.explain_top_k)
+        if explain
+        else [None] * len(texts)
+    )
     threshold = service.bundle.manifest.decision.threshold
     return [
         Classification(
@@ -124,9 +145,27 @@ async def classify_texts(service: Service, texts: list[str], log_fields: LogFiel
             note.truncated,
             chars=length,
             tokens=len(note.ids),
+            explanation=explanation,
         )
-        for note, probability, length in zip(encoded, probabilities, lengths, strict=True)
+        for note, probability, length, explanation in zip(encoded, probabilities, lengths, explained, strict=True)
     ]
+
+
+def _words_to_explain(texts: list[str], max_words: int) -> list[list[Word]]:
+    """Each note's words, to be deleted one at a time; 413 when the notes hold more than `max_words` in all
+    (found without reading past that many)."""
+    words: list[list[Word]] = []
+    left = max_words
+    for text in texts:
+        words.append(note_words(text, at_most=left + 1))
+        left -= len(words[-1])
+        if left < 0:
+            raise ServiceError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"explain: the notes hold more than {max_words} words (explain_max_words); explain fewer or "
+                "shorter notes, or classify them without explain",
+            )
+    return words
 
 
 def describe_cut(service: Service) -> str:

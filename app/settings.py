@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     max_note_tokens: int | None = Field(
         None, gt=0, description="Most tokens in one note (default: the bundle's max_input_tokens)."
     )
+    explain_top_k: int = Field(
+        5, gt=0, description="Words per note in an explanation (explain: true): those that moved P(emergency) most."
+    )
+    explain_max_words: int = Field(
+        128,
+        ge=0,
+        description="Most words a request with explain: true may have, over all its notes (413 beyond): each "
+        "word costs one more model run.",
+    )
     truncation: Literal["head-tail", "head", "refuse"] = Field(
         "head-tail",
         description="A note over max_note_tokens: head-tail keeps its first quarter and its last three quarters of "
@@ -206,6 +215,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_notes_per_request ({self.max_notes_per_request}) exceeds queue_capacity "
                 f"({self.queue_capacity}): a full request could never be queued"
+            )
+        if self.max_notes_per_request + self.explain_max_words > self.queue_capacity:
+            raise ValueError(
+                f"max_notes_per_request ({self.max_notes_per_request}) + explain_max_words "
+                f"({self.explain_max_words}) exceeds queue_capacity ({self.queue_capacity}): a full explained "
+                "request could never be queued"
             )
         if self.max_note_tokens is not None and self.max_note_tokens > self.max_batch_tokens:
             raise ValueError(

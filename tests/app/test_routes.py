@@ -80,7 +80,7 @@ async def test_concurrent_requests_are_batched_together(serve, settings):
 
 
 async def test_a_full_queue_answers_429_at_once(serve, settings, slow_model):
-    async with serve(settings(queue_capacity=2, max_notes_per_request=2, max_wait_ms=0)) as client:
+    async with serve(settings(queue_capacity=2, max_notes_per_request=2, explain_max_words=0, max_wait_ms=0)) as client:
         responses = await asyncio.gather(*(client.post("/classify", json={"text": t}) for t in NOTES * 3))
     statuses = sorted(r.status_code for r in responses)
     assert 200 in statuses and 429 in statuses and set(statuses) == {200, 429}

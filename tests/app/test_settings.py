@@ -27,6 +27,7 @@ def test_arguments_override_the_environment(monkeypatch):
     "options, fault",
     [
         ({"max_notes_per_request": 10, "queue_capacity": 5}, "exceeds queue_capacity"),
+        ({"max_notes_per_request": 10, "explain_max_words": 100, "queue_capacity": 100}, "explained request"),
         ({"max_note_tokens": 9000, "max_batch_tokens": 8192}, "exceeds max_batch_tokens"),
         ({"max_batch_size": 0}, "greater than 0"),
         ({"variant": "int4"}, "variant"),
