@@ -345,6 +345,7 @@ def main(
     render: str = typer.Option("shorthand", help="Rendering of the training (and validation) notes."),
     evaluate_on: str = typer.Option("", help="Test renderings to report, comma-separated (default: --render)."),
     students: str = typer.Option("e5-small,minilm-l6", help="Students of the main grid, comma-separated."),
+    methods: str = typer.Option("base,mlkd,ensemble", help="Methods of the main grid, comma-separated."),
     teacher: str = typer.Option("models/pretrained/minilm-l6-icd10cm", help="Domain teacher (MLM-pretrained)."),
     other_teachers: str = typer.Option(
         "without MLM=minilm-l6",
@@ -382,7 +383,7 @@ def main(
     )
     others = dict(item.split("=", 1) for item in _items(other_teachers))
     configs = grid(_items(students), teacher, others, _items(ablations))
-    configs = [c for c in configs if c.group in groups.split(",")]
+    configs = [c for c in configs if c.group in groups.split(",") and (c.group != "main" or c.method in methods)]
     runs = []
     for config in configs:
         for seed in range(seeds if config.group == "main" else seeds_ablation):
