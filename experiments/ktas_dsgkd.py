@@ -383,7 +383,8 @@ def main(
     )
     others = dict(item.split("=", 1) for item in _items(other_teachers))
     configs = grid(_items(students), teacher, others, _items(ablations))
-    configs = [c for c in configs if c.group in groups.split(",") and (c.group != "main" or c.method in methods)]
+    main_methods = _items(methods)
+    configs = [c for c in configs if c.group in groups.split(",") and (c.group != "main" or c.method in main_methods)]
     runs = []
     for config in configs:
         for seed in range(seeds if config.group == "main" else seeds_ablation):
