@@ -4,9 +4,9 @@ saying what was recommended and by which model, so that a clinical safety office
 A record holds the request id (X-Request-ID: a caller that logs it next to its own patient context can find the
 record), the time, the route, the model (name, version, ONNX variant and that file's sha256), the threshold and
 its policy, the calibration, the truncation, and per note its position, P(emergency), label, whether it was
-truncated and its length in characters and tokens; a CDS Hooks record adds each card's uuid and a sha256 of the
-hookInstance. Never note text, note ids, patient or encounter references. Explanations are left out: they are
-recomputed from the note (which the caller keeps) and the model version.
+truncated, its length in characters and tokens, and, when asked for, its explanation as character offsets and
+contributions (never the words); a CDS Hooks record adds each card's uuid and a sha256 of the hookInstance. Never
+note text, note ids, patient or encounter references.
 
 Sinks: the logger `triage.audit` on the log stream (unless `audit_log_stream` is off), and, with `audit_file`, an
 append-only JSON-lines file, created 0600 and rotated by size. A record that cannot be written to the file fails
@@ -139,17 +139,7 @@ def audit_record(
     hook_instance: str | None = None,
 ) -> AuditRecord:
     manifest = service.bundle.manifest
-    notes: list[dict[str, object]] = [
-        {
-            "position": position,
-            "probability": result.probability,
-            "label": result.label,
-            "truncated": result.truncated,
-            "chars": result.chars,
-            "tokens": result.tokens,
-        }
-        for position, result in enumerate(classified)
-    ]
+    notes = [_note_entry(position, result) for position, result in enumerate(classified)]
     if card_uuids is not None:
         for note, card_uuid in zip(notes, card_uuids, strict=True):
             note["card_uuid"] = card_uuid
@@ -172,3 +162,20 @@ def audit_record(
     if hook_instance is not None:
         record["hook_instance_sha256"] = hashlib.sha256(hook_instance.encode()).hexdigest()
     return record
+
+
+def _note_entry(position: int, result: Classification) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "position": position,
+        "probability": result.probability,
+        "label": result.label,
+        "truncated": result.truncated,
+        "chars": result.chars,
+        "tokens": result.tokens,
+    }
+    if result.explanation is not None:  # where the words shown are in the note (which the caller keeps), not the words
+        entry["explanation"] = [
+            {"start": item.word.start, "end": item.word.end, "contribution": item.contribution}
+            for item in result.explanation
+        ]
+    return entry

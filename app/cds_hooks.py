@@ -16,6 +16,7 @@ follow the specification: 400 for a malformed request, 412 when the note is neit
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -30,9 +31,11 @@ from fastapi.routing import APIRoute
 from fhir.resources.R4B.reference import Reference
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app import audit
 from app.auth import require_cds_client
 from app.cds_auth import EhrTokens
 from app.dependencies import log_fields, ready_service
+from app.explain import note_words
 from app.fhir_notes import FhirNote, notes_in, refers_to, validate_resource
 from app.routes import MODEL_CARD_PATH
 from app.schemas import ErrorResponse
@@ -267,11 +270,15 @@ async def triage_note(
     body: Annotated[CdsRequest, Body()], request: Request, service: Annotated[Service, Depends(ready_service)]
 ) -> CdsResponse:
     notes = notes_of(body, log_fields(request))
-    if not notes:
-        return CdsResponse(cards=[])  # the patient has no triage note: nothing to say
-    classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
+    if not notes:  # the patient has no triage note: nothing to say, and the audit trail says so
+        await audit.record(request, service, [], card_uuids=[], hook_instance=body.hookInstance)
+        return CdsResponse(cards=[])
+    texts = [note.text for note in notes]
+    explain = service.settings.cds_explain and explainable(texts, service.settings.explain_max_words)
+    classified = await classify_texts(service, texts, log_fields(request), explain=explain)
     model_card_url = f"{service.settings.public_url or str(request.base_url).rstrip('/')}{MODEL_CARD_PATH}"
     cards = [card(note, result, service, model_card_url) for note, result in zip(notes, classified, strict=True)]
+    await audit.record(request, service, classified, [issued.uuid for issued in cards], body.hookInstance)
     issued_cards(request).add([issued.uuid for issued in cards])
     return CdsResponse(cards=cards)
 
@@ -310,6 +317,12 @@ def reason_label(entry: Feedback) -> str:
     if reason.code in OVERRIDE_REASONS and reason.system in (None, OVERRIDE_REASON_SYSTEM):
         return reason.code
     return "other"
+
+
+def explainable(texts: list[str], max_words: int) -> bool:
+    """Whether the notes hold at most `max_words` words in all: `classify_texts` explains no more (413), and a card
+    is worth more without its explanation than no card."""
+    return sum(len(note_words(text, at_most=max_words + 1)) for text in texts) <= max_words
 
 
 def issued_cards(request: Request) -> IssuedCards:
@@ -386,6 +399,7 @@ def card(note: FhirNote, result: Classification, service: Service, model_card_ur
         lines.append(f"**Note:** {note.source.reference}")
     if result.truncated:
         lines.append(f"**Truncated:** the note was longer than the model reads; {describe_cut(service)} were read.")
+    lines.extend(explanation_lines(result, service))
     lines.append(f"*Decision support for triage staff, not a diagnosis.* {INTENDED_USE}")
     return Card(
         uuid=str(uuid.uuid4()),
@@ -401,3 +415,28 @@ def card(note: FhirNote, result: Classification, service: Service, model_card_ur
             for code, display in OVERRIDE_REASONS.items()
         ],
     )
+
+
+def explanation_lines(result: Classification, service: Service) -> list[str]:
+    """The words of the note that the model's output is most sensitive to, with their signed contributions
+    (app/explain.py), when `cds_explain` is on."""
+    if not service.settings.cds_explain:
+        return []
+    if result.explanation is None:
+        return [
+            f"*Word sensitivities not computed: more than {service.settings.explain_max_words} words to explain "
+            "(explain_max_words).*"
+        ]
+    if not result.explanation:
+        return []
+    words = "\n".join(f"- {code_span(item.word.text)} {item.contribution:+.3f}" for item in result.explanation)
+    return [
+        "**Words the model's output is most sensitive to** (change in P(emergency) when the word is deleted; how "
+        f"this model reads the note, not a clinical reason):\n{words}"
+    ]
+
+
+def code_span(text: str) -> str:
+    """`text` as a markdown code span, whatever backticks it holds."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
