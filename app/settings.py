@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="Browser origins allowed to call the service (CORS), e.g. https://sandbox.cds-hooks.org, or * "
         "for any; none set = no CORS. Environment: comma-separated.",
     )
+    cds_explain: bool = Field(
+        True,
+        description="CDS Hooks cards list the explain_top_k words the model's output is most sensitive to (one more "
+        "model run per word of the note); not for notes over explain_max_words words, whose cards go without.",
+    )
     max_body_bytes: int = Field(
         1_048_576, gt=0, description="Largest request body in bytes, after gzip decompression too (413 beyond)."
     )

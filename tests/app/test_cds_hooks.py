@@ -16,7 +16,14 @@ import httpx
 import pytest
 
 from app.bundle import MANIFEST_FILE, MODEL_CARD_FILE, load_bundle
-from app.cds_hooks import CONTEXT_NOTE_KEY, FEEDBACK_PATH, OVERRIDE_REASON_SYSTEM, PREFETCH_KEY, SERVICE_ID
+from app.cds_hooks import (
+    CONTEXT_NOTE_KEY,
+    FEEDBACK_PATH,
+    OVERRIDE_REASON_SYSTEM,
+    PREFETCH_KEY,
+    SERVICE_ID,
+    code_span,
+)
 from app.inference import NoteClassifier
 from app.logs import JsonFormatter
 from app.main import create_app
@@ -127,6 +134,31 @@ async def test_every_card_has_its_own_uuid(serve, tiny_bundle_dir):
         responses = [await client.post(SERVICE_PATH, json=hook_request({PREFETCH_KEY: prefetched})) for _ in range(2)]
     uuids = [card["uuid"] for response in responses for card in response.json()["cards"]]
     assert len(uuids) == 6 and len(set(uuids)) == 6
+
+
+async def test_the_detail_lists_the_words_the_output_is_most_sensitive_to(serve, tiny_bundle_dir):
+    body = hook_request(**{CONTEXT_NOTE_KEY: NOTES[0]})
+    async with serve(Settings(bundle=tiny_bundle_dir)) as client:
+        [card] = (await client.post(SERVICE_PATH, json=body)).json()["cards"]
+        classify = await client.post("/classify", json={"text": NOTES[0], "explain": True})
+    [result] = classify.json()["results"]
+    expected = [f"- ` {item['word']} ` {item['contribution']:+.3f}" for item in result["explanation"]]
+    assert "**Words the model's output is most sensitive to**" in card["detail"] and expected
+    assert "\n".join(expected) in card["detail"]
+
+
+async def test_cards_go_without_explanations_when_off_or_over_the_word_cap(serve, tiny_bundle_dir):
+    body = hook_request(**{CONTEXT_NOTE_KEY: NOTES[0]})
+    async with serve(Settings(bundle=tiny_bundle_dir, cds_explain=False)) as client:
+        [off] = (await client.post(SERVICE_PATH, json=body)).json()["cards"]
+    async with serve(Settings(bundle=tiny_bundle_dir, explain_max_words=3)) as client:
+        over = await client.post(SERVICE_PATH, json=body)
+    assert "Words the model" not in off["detail"] and "not computed" not in off["detail"]
+    assert over.status_code == 200 and "not computed: more than 3 words" in over.json()["cards"][0]["detail"]
+
+
+def test_a_word_with_backticks_stays_one_code_span():
+    assert code_span("BT") == "` BT `" and code_span("a`b``c") == "``` a`b``c ```"
 
 
 async def test_a_note_below_the_threshold_gets_an_info_card(serve, bundle_with_threshold):
