@@ -9,6 +9,7 @@ OperationOutcome.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -29,6 +30,7 @@ from fhir.resources.R4B.riskassessment import RiskAssessment, RiskAssessmentPred
 from app import audit
 from app.auth import require_api_key
 from app.dependencies import log_fields, ready_service
+from app.explain import WordContribution
 from app.fhir_definitions import (
     CODE_SYSTEMS,
     EMERGENCY,
@@ -50,6 +52,7 @@ from app.fhir_notes import (
 )
 from app.middleware import json_error
 from app.service import Classification, Service, ServiceError, classify_texts, describe_cut
+from app.settings import Settings
 
 FHIR_JSON = "application/fhir+json"
 ACCEPTED_CONTENT_TYPES = (FHIR_JSON, "application/json")
@@ -60,6 +63,10 @@ SUBJECT_HELP = (
     "relative reference (or it is refused with 422, business-rule), so that no other patient's note is scored."
 )
 ENCOUNTER_HELP = "Optional, e.g. `Encounter/456`: likewise, every note's encounter must be that reference."
+EXPLAIN_HELP = (
+    "Optional: true adds to each RiskAssessment, as note[1] (markdown), the words whose deletion moves P(emergency) "
+    "most (a body that is a Parameters resource says so with its `explain` parameter instead)."
+)
 # OperationOutcome issue type of an HTTP error raised outside this module (auth, limits, the batcher, the body limit).
 ISSUE_CODES: dict[int, str] = {
     HTTPStatus.BAD_REQUEST: "structure",
@@ -183,10 +190,11 @@ async def classify_fhir(
     service: Annotated[Service, Depends(ready_service)],
     subject: Annotated[str | None, Query(pattern=REFERENCE, description=SUBJECT_HELP)] = None,
     encounter: Annotated[str | None, Query(pattern=REFERENCE, description=ENCOUNTER_HELP)] = None,
+    explain: Annotated[bool | None, Query(description=EXPLAIN_HELP)] = None,
 ) -> Response:
     body = parse_resource(await request.body())
     log_fields(request)["fhir_resource"] = body.get_resource_type()
-    asked = classify_input(body, subject, encounter)
+    asked = classify_input(body, subject, encounter, explain)
     subject, encounter, notes = asked.subject, asked.encounter, asked.notes
     if not notes:
         raise FhirInputError(HTTPStatus.UNPROCESSABLE_ENTITY, "required", "the request holds no note to classify")
@@ -212,7 +220,8 @@ async def classify_fhir(
             f"notes at positions {unproven} are not provably about the requested subject/encounter (their "
             f"subject/encounter must be that relative reference)",
         )
-    classified = await classify_texts(service, [note.text for note in notes], log_fields(request))
+    texts = [note.text for note in notes]
+    classified = await classify_texts(service, texts, log_fields(request), explain=asked.explain)
     now = datetime.now(UTC)
     device = model_device(service)
     assessments = [
@@ -241,9 +250,9 @@ _DEFINITION_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses={200: _DEFINITION_RESPONSES[200]},
 )
 async def metadata(request: Request) -> Response:
-    fhir_base_url = str(request.base_url).rstrip("/") + FHIR_BASE
-    api_keys_set = bool(request.app.state.settings.api_keys)
-    return fhir_response(capability_statement(fhir_base_url, api_keys_set, datetime.now(UTC)))
+    settings: Settings = request.app.state.settings
+    fhir_base_url = (settings.public_url or str(request.base_url).rstrip("/")) + FHIR_BASE
+    return fhir_response(capability_statement(settings, fhir_base_url, datetime.now(UTC)))
 
 
 @router.get(
@@ -288,6 +297,9 @@ def risk_assessment(
     )
     if result.truncated:
         note_text += f" The note was longer than the model reads; {describe_cut(service)} were read."
+    notes = [Annotation(text=note_text)]
+    if result.explanation is not None:
+        notes.append(Annotation(text=explanation_markdown(result.explanation)))
     return RiskAssessment(
         contained=[device],
         status="final",
@@ -305,8 +317,29 @@ def risk_assessment(
                 qualitativeRisk=CodeableConcept(coding=[HIGH_RISK if emergency else LOW_RISK], text=result.label),
             )
         ],
-        note=[Annotation(text=note_text)],
+        note=notes,
     )
+
+
+def explanation_markdown(explanation: tuple[WordContribution, ...]) -> str:
+    """An explanation as markdown (Annotation.text): one line per word, with its character offsets in the note."""
+    if not explanation:
+        return "Explanation: the note has no words to explain."
+    lines = [
+        f"- {_code_span(item.word.text)} (characters {item.word.start}-{item.word.end}): {item.contribution:+.3f}"
+        for item in explanation
+    ]
+    return (
+        "Explanation: the words whose deletion moves P(emergency) most, with P(emergency) of the note minus that of "
+        "the note without the word (positive: towards emergency). How sensitive this model is to each word, not a "
+        "clinical cause.\n\n" + "\n".join(lines)
+    )
+
+
+def _code_span(text: str) -> str:
+    """`text` as a markdown code span, its fence longer than any run of backticks in it."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence}{text}{fence}"
 
 
 def body_error(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:

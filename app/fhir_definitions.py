@@ -35,6 +35,7 @@ from fhir.resources.R4B.operationdefinition import OperationDefinition, Operatio
 
 from app.fhir_notes import BUNDLE_TYPES
 from app.service import Service
+from app.settings import Settings
 
 SOFTWARE = "dsgkd-triage"
 SOFTWARE_VERSION = version(SOFTWARE)
@@ -149,6 +150,16 @@ OPERATION_DEFINITION = OperationDefinition(
             "The encounter the notes belong to, a relative reference (`Encounter/456`), checked like `subject`. "
             "May instead be the URL query parameter `encounter`, not both.",
         ),
+        _in(
+            "explain",
+            "boolean",
+            "1",
+            "true: each RiskAssessment also has, as `note[1]` (markdown), the words whose deletion moves "
+            "P(emergency) most, with their contributions and character offsets: how sensitive this model is to "
+            "each word, not a clinical cause. Each word costs one more model run; a request holding more words "
+            "than the service's `explain_max_words` is refused (413). May instead be the URL query parameter "
+            "`explain=true`, not both.",
+        ),
         OperationDefinitionParameter(
             name="return",
             use="out",
@@ -165,12 +176,17 @@ OPERATION_DEFINITION = OperationDefinition(
 )
 
 
-def capability_statement(fhir_base_url: str, api_keys_set: bool, now: datetime) -> CapabilityStatement:
-    """This server's CapabilityStatement; `fhir_base_url` is the address it was asked at, up to `/fhir`."""
+def capability_statement(settings: Settings, fhir_base_url: str, now: datetime) -> CapabilityStatement:
+    """This server's CapabilityStatement; `fhir_base_url` is its address, up to `/fhir`."""
     authentication = (
         "the operator set keys, so `$classify` needs `Authorization: Bearer <key>`"
-        if api_keys_set
+        if settings.api_keys
         else "the operator set none, so `$classify` is open to anyone who can reach the service"
+    )
+    cors = (
+        f"Browsers may call it from these origins (CORS): {', '.join(settings.cors_origins)}"
+        if settings.cors_origins
+        else "CORS is not enabled"
     )
     read = [CapabilityStatementRestResourceInteraction(code="read")]
     return CapabilityStatement(
@@ -193,12 +209,12 @@ def capability_statement(fhir_base_url: str, api_keys_set: bool, now: datetime) 
                     "resources that can be read are this server's definitions; nothing can be searched."
                 ),
                 security=CapabilityStatementRestSecurity(
-                    cors=False,
+                    cors=bool(settings.cors_origins),
                     description=(
                         "Authentication: static bearer keys configured by the operator (`api_keys`), not OAuth 2.0 "
                         f"or SMART on FHIR; {authentication}. This statement, the OperationDefinition and the "
-                        "CodeSystems are open. CORS is not enabled. The service speaks plain HTTP: TLS is for a "
-                        "reverse proxy in front of it."
+                        f"CodeSystems are open. {cors}. The service speaks plain HTTP: TLS is for a reverse proxy "
+                        "in front of it."
                     ),
                 ),
                 resource=[

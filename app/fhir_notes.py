@@ -40,7 +40,7 @@ ACCEPTED_RESOURCES: dict[str, type[AcceptedResource]] = {**NOTE_RESOURCES, "Bund
 # The body of $classify: a note resource as above, or a Parameters resource (the standard way to call an operation).
 OperationBody = AcceptedResource | Parameters
 OPERATION_BODIES: dict[str, type[OperationBody]] = {**ACCEPTED_RESOURCES, "Parameters": Parameters}
-PARAMETER_NAMES = ("resource", "note", "subject", "encounter")
+PARAMETER_NAMES = ("resource", "note", "subject", "encounter", "explain")
 REFERENCE = r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9.-]{1,64}$"  # a relative literal reference, e.g. Patient/123
 BUNDLE_TYPES = ("collection", "batch", "transaction", "searchset")
 # Searchset entries that are not search results: resources included alongside them, and OperationOutcomes.
@@ -72,12 +72,14 @@ class FhirNote:
 @dataclass(frozen=True)
 class ClassifyInput:
     """What a $classify request asks for: its notes in request order, the relative references (e.g. Patient/123)
-    of the patient and encounter they must be about, if given, and whether the answer is a Bundle."""
+    of the patient and encounter they must be about, if given, whether the answer is a Bundle, and whether each
+    assessment is explained."""
 
     notes: list[FhirNote]
     subject: str | None
     encounter: str | None
     bundled: bool
+    explain: bool
 
 
 def parse_resource(body: bytes) -> OperationBody:
@@ -146,15 +148,18 @@ def _is_fhir_type(name: str) -> bool:
     return True
 
 
-def classify_input(body: OperationBody, subject: str | None, encounter: str | None) -> ClassifyInput:
-    """The notes of a $classify body, and the patient and encounter they must be about: `subject` and `encounter`
-    are the URL's query parameters, or the Parameters' parameters of those names (not both).
+def classify_input(
+    body: OperationBody, subject: str | None, encounter: str | None, explain: bool | None
+) -> ClassifyInput:
+    """The notes of a $classify body, the patient and encounter they must be about, and whether to explain:
+    `subject`, `encounter` and `explain` are the URL's query parameters, or the Parameters' parameters of those
+    names (not both).
 
     A Parameters body holds `resource` parameters (a DocumentReference, Communication or Bundle) and `note`
     parameters (plain text in valueString, about `subject`), read in order. The answer is a Bundle when a
     Bundle was sent or there is more than one note."""
     if not isinstance(body, Parameters):
-        return ClassifyInput(notes_in(body), subject, encounter, bundled=isinstance(body, Bundle))
+        return ClassifyInput(notes_in(body), subject, encounter, isinstance(body, Bundle), bool(explain))
     given = body.parameter or []
     unknown = [position for position, parameter in enumerate(given) if parameter.name not in PARAMETER_NAMES]
     if unknown:
@@ -166,6 +171,7 @@ def classify_input(body: OperationBody, subject: str | None, encounter: str | No
         )
     subject = _reference_parameter(given, "subject", subject)
     encounter = _reference_parameter(given, "encounter", encounter)
+    explain = _explain_parameter(given, explain)
     notes: list[FhirNote] = []
     for position, parameter in enumerate(given):
         where = f"Parameters.parameter[{position}]"
@@ -180,27 +186,46 @@ def classify_input(body: OperationBody, subject: str | None, encounter: str | No
         elif parameter.name == "note":
             notes.append(_text_note(parameter.valueString, where, subject, encounter))
     bundled = len(notes) > 1 or any(isinstance(parameter.resource, Bundle) for parameter in given)
-    return ClassifyInput(notes, subject, encounter, bundled)
+    return ClassifyInput(notes, subject, encounter, bundled, explain)
+
+
+def _position_of(given: list[ParametersParameter], name: str, in_url: bool) -> int | None:
+    """The position of the parameter `name`, if given: at most once, and not also in the URL."""
+    found = [position for position, parameter in enumerate(given) if parameter.name == name]
+    if len(found) > 1 or (found and in_url):
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST, "invalid", f"{name} is given more than once (as a parameter or in the URL)"
+        )
+    return found[0] if found else None
 
 
 def _reference_parameter(given: list[ParametersParameter], name: str, in_url: str | None) -> str | None:
     """The relative reference (e.g. Patient/123) in the valueReference of the parameter `name`, else `in_url`."""
-    found = [position for position, parameter in enumerate(given) if parameter.name == name]
-    if not found:
+    position = _position_of(given, name, in_url is not None)
+    if position is None:
         return in_url
-    if len(found) > 1 or in_url is not None:
-        raise FhirInputError(
-            HTTPStatus.BAD_REQUEST, "invalid", f"{name} is given more than once (as a parameter or in the URL)"
-        )
-    value = given[found[0]].valueReference
+    value = given[position].valueReference
     if value is None or value.reference is None or not re.fullmatch(REFERENCE, value.reference):
         raise FhirInputError(
             HTTPStatus.BAD_REQUEST,
             "invalid",
-            f"Parameters.parameter[{found[0]}] ({name}): needs a valueReference whose reference is relative, "
+            f"Parameters.parameter[{position}] ({name}): needs a valueReference whose reference is relative, "
             f"e.g. Patient/123",
         )
     return value.reference
+
+
+def _explain_parameter(given: list[ParametersParameter], in_url: bool | None) -> bool:
+    """The valueBoolean of the parameter `explain`, else `in_url`; false when neither is given."""
+    position = _position_of(given, "explain", in_url is not None)
+    if position is None:
+        return bool(in_url)
+    value = given[position].valueBoolean
+    if value is None:
+        raise FhirInputError(
+            HTTPStatus.BAD_REQUEST, "invalid", f"Parameters.parameter[{position}] (explain): needs a valueBoolean"
+        )
+    return value
 
 
 def _text_note(text: str | None, where: str, subject: str | None, encounter: str | None) -> FhirNote:

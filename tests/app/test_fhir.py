@@ -18,7 +18,7 @@ from fhir.resources.R4B.operationoutcome import OperationOutcome
 from fhir.resources.R4B.riskassessment import RiskAssessment
 
 from app.bundle import load_bundle
-from app.fhir import CLASSIFY_PATH, FHIR_JSON
+from app.fhir import CLASSIFY_PATH, FHIR_JSON, _code_span
 from app.fhir_definitions import (
     CODE_SYSTEMS,
     DEVICE_ID,
@@ -307,6 +307,7 @@ SECRET_NOTE = f"CC: seizure {MARKER}"
         ),
         (parameters({"name": "resource", "resource": {"resourceType": "Patient", "id": MARKER}}), 422, "not-supported"),
         (parameters({"name": "resource", "resource": document(SECRET_NOTE) | {"priority": MARKER}}), 400, "structure"),
+        (parameters(SUBJECT, {"name": "note", "valueString": SECRET_NOTE}, {"name": "explain"}), 400, "invalid"),
     ],
 )
 async def test_invalid_input_gets_an_operation_outcome_without_the_note(serve, settings, body, status, issue_code):
@@ -373,7 +374,7 @@ async def test_note_text_ids_and_patients_never_reach_the_logs(serve, settings, 
     resource = document(SECRET_NOTE, document_id=f"doc-{MARKER}")
     resource["subject"] = {"reference": f"Patient/{MARKER}"}
     async with serve(settings(max_note_tokens=16, truncation="refuse")) as client:
-        ok = await post_fhir(client, resource)
+        ok = await post_fhir(client, resource, params={"explain": "true"})
         too_long = await post_fhir(client, document(f"{MARKER} " * 50, document_id=MARKER))
         invalid = await post_fhir(client, resource | {"date": MARKER})
         metrics = (await client.get("/metrics")).text
@@ -385,6 +386,45 @@ async def test_note_text_ids_and_patients_never_reach_the_logs(serve, settings, 
     captured = capsys.readouterr()
     assert MARKER not in formatted + caplog.text + captured.out + captured.err
     assert f'route="{CLASSIFY_PATH}",status="200"' in metrics
+
+
+async def test_explanations_are_a_markdown_note_when_asked_for(serve, settings):
+    async with serve(settings()) as client:
+        by_parameter = await post_fhir(
+            client,
+            parameters(SUBJECT, {"name": "note", "valueString": NOTES[0]}, {"name": "explain", "valueBoolean": True}),
+        )
+        in_url = await post_fhir(client, document(NOTES[0]), params={"explain": "true"})
+        plain = await post_fhir(client, document(NOTES[0]))
+        twice = await post_fhir(
+            client, parameters({"name": "explain", "valueBoolean": False}), params={"explain": "true"}
+        )
+        classify = await client.post("/classify", json={"text": NOTES[0], "explain": True})
+    expected = [
+        f"- `{word['word']}` (characters {word['start']}-{word['end']}): {word['contribution']:+.3f}"
+        for word in classify.json()["results"][0]["explanation"]
+    ]
+    for response in (by_parameter, in_url):
+        explanation = RiskAssessment.model_validate(response.json()).note[1]
+        assert explanation.text.startswith("Explanation: the words whose deletion moves P(emergency) most")
+        assert explanation.text.split("\n\n")[1].splitlines() == expected
+    assert len(RiskAssessment.model_validate(plain.json()).note) == 1
+    assert twice.status_code == 400 and "explain is given more than once" in outcome_of(twice).issue[0].diagnostics
+
+
+def test_a_word_with_backticks_stays_one_code_span():
+    assert _code_span("a`b``c") == "```a`b``c```" and _code_span("BT") == "`BT`"
+
+
+async def test_the_statement_tells_cors_and_the_public_url(serve, settings):
+    origins = ["https://ehr.example.org"]
+    async with serve(settings(cors_origins=origins, public_url="https://triage.example.org/")) as client:
+        metadata = await client.get("/fhir/metadata")
+    statement = CapabilityStatement.model_validate(metadata.json())
+    assert statement.implementation.url == "https://triage.example.org/fhir"
+    [rest] = statement.rest
+    assert rest.security.cors is True and "origins (CORS): https://ehr.example.org" in rest.security.description
+    assert "open to anyone who can reach the service" in rest.security.description
 
 
 async def test_the_definitions_are_served_without_a_token_and_match_the_operation(serve, settings):

@@ -37,12 +37,13 @@ def validate(resources: dict[str, dict], directory: Path) -> subprocess.Complete
     )
 
 
-def text_note(*notes: str) -> dict:
+def text_note(*notes: str, explain: bool = False) -> dict:
     return {
         "resourceType": "Parameters",
         "parameter": [
             {"name": "subject", "valueReference": {"reference": "Patient/p-1"}},
             *({"name": "note", "valueString": note} for note in notes),
+            {"name": "explain", "valueBoolean": explain},
         ],
     }
 
@@ -65,7 +66,9 @@ async def test_every_resource_the_service_emits_is_valid_fhir_r4(serve, settings
                 for code_system_id in CODE_SYSTEMS
             },
             "RiskAssessment": (await client.post(CLASSIFY_PATH, json=document, headers=auth)).json(),
-            "Bundle": (await client.post(CLASSIFY_PATH, json=text_note(NOTE, NOTE * 20), headers=auth)).json(),
+            "Bundle": (
+                await client.post(CLASSIFY_PATH, json=text_note(NOTE, NOTE * 3, explain=True), headers=auth)
+            ).json(),
             "OperationOutcome-422": (await client.post(CLASSIFY_PATH, json=text_note(" "), headers=auth)).json(),
             "OperationOutcome-401": (await client.post(CLASSIFY_PATH, json=document, headers=FHIR_HEADERS)).json(),
             "OperationOutcome-404": (await client.get("/fhir/CodeSystem/none")).json(),
@@ -84,6 +87,7 @@ async def test_every_resource_the_service_emits_is_valid_fhir_r4(serve, settings
         "Parameters",
     }
     assert [entry["resource"]["resourceType"] for entry in emitted["Bundle"]["entry"]] == ["RiskAssessment"] * 2
+    assert all(len(entry["resource"]["note"]) == 2 for entry in emitted["Bundle"]["entry"])  # explained
     result = validate(emitted, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[-1] == f"{len(emitted)} resources, 0 errors", result.stdout
