@@ -43,7 +43,7 @@ run="$build/run-$method-mixed"
 if [ ! -f "$run/eval/metrics.json" ]; then
     rm -rf "$run"  # a fit stopped half-way starts over
     python -m training fit --data ktas --render mixed --student e5-small --method "$method" "${distill[@]}" \
-        --epochs 6 --patience 2 --batch-size 16 --encoder-lr 1e-4 --head-lr 1e-3 --freeze-embeddings \
+        --epochs 10 --patience 3 --batch-size 16 --encoder-lr 1e-4 --head-lr 1e-3 --freeze-embeddings \
         --max-length 256 --seed 0 --out "$run"
 fi
 
