@@ -352,31 +352,44 @@ def notes_of(body: CdsRequest, fields: LogFields) -> list[FhirNote]:
     if prefetch[PREFETCH_KEY] is None:
         return []
     notes = notes_in(validate_resource(prefetch[PREFETCH_KEY], f"prefetch.{PREFETCH_KEY}"))
-    patient = f"Patient/{body.context.patientId}"
+    _refuse_unproven(
+        [note.subject for note in notes],
+        f"Patient/{body.context.patientId}",
+        body.fhirServer,
+        fields,
+        "subject-not-context-patient",
+        "about context.patientId: DocumentReference.subject must reference Patient/{patientId}",
+    )
+    if body.context.encounterId is not None:
+        _refuse_unproven(
+            [note.encounter for note in notes],
+            f"Encounter/{body.context.encounterId}",
+            body.fhirServer,
+            fields,
+            "encounter-not-context-encounter",
+            "of context.encounterId: DocumentReference.context.encounter must reference Encounter/{encounterId}",
+        )
+    return notes
+
+
+def _refuse_unproven(
+    references: list[Reference | None],
+    expected: str,
+    fhir_server: str | None,
+    fields: LogFields,
+    reason: str,
+    requirement: str,
+) -> None:
+    """400 when any note's reference is not provably `expected` (`refers_to`); `requirement` says what is needed."""
     unproven = [
-        position for position, note in enumerate(notes) if not refers_to(note.subject, patient, body.fhirServer)
+        position for position, reference in enumerate(references) if not refers_to(reference, expected, fhir_server)
     ]
     if unproven:
-        fields.update(refused="subject-not-context-patient", refused_notes=len(unproven))
+        fields.update(refused=reason, refused_notes=len(unproven))
         raise HTTPException(
             HTTPStatus.BAD_REQUEST,
-            f"prefetched notes at positions {unproven} are not provably about context.patientId: "
-            f"DocumentReference.subject must reference Patient/{{patientId}}, relative or on fhirServer",
+            f"prefetched notes at positions {unproven} are not provably {requirement}, relative or on fhirServer",
         )
-    if body.context.encounterId is not None:
-        encounter = f"Encounter/{body.context.encounterId}"
-        unproven = [
-            position for position, note in enumerate(notes) if not refers_to(note.encounter, encounter, body.fhirServer)
-        ]
-        if unproven:
-            fields.update(refused="encounter-not-context-encounter", refused_notes=len(unproven))
-            raise HTTPException(
-                HTTPStatus.BAD_REQUEST,
-                f"prefetched notes at positions {unproven} are not provably of context.encounterId: "
-                f"DocumentReference.context.encounter must reference Encounter/{{encounterId}}, relative or on "
-                f"fhirServer",
-            )
-    return notes
 
 
 def card(note: FhirNote, result: Classification, service: Service, model_card_url: str) -> Card:
