@@ -106,8 +106,11 @@ def evaluate(
             external = DataArguments(**{**run_dir.read_config()["data"], "data": data, "data_format": data_format})
 
         from training.run_report import evaluate_run
+        from training.tracking import open_tracking
 
+        tracker = open_tracking(run_dir)  # the tracker `fit --report-to` logged the run to, if any
         evaluate_run(run_dir, eval_args, metric=metric, external=external, render=render)
+        tracker.log_report(run_dir.eval_dir(external=external is not None, render=render))
     typer.echo(f"report written to {run_dir.eval_dir(external=external is not None, render=render)}")
 
 
@@ -136,10 +139,14 @@ def export(
     ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
 ) -> None:
-    """Export a run's best checkpoint as an ONNX model bundle (fp32, int8, fp16) checked against PyTorch."""
+    """Export a run's best checkpoint as an ONNX model bundle (fp32, int8, fp16) checked against PyTorch; a run
+    tracked by `fit --report-to` gets the bundle logged to its MLflow run (or its manifest to its TensorBoard)."""
     from training.export import ExportError, export_bundle
+    from training.run_dir import RunDirectory
+    from training.tracking import open_tracking
 
     with _clear_errors(ExportError):
+        tracker = open_tracking(RunDirectory(run))  # before the export, so that an unreachable tracker fails fast
         bundle = export_bundle(
             run,
             out,
@@ -152,6 +159,7 @@ def export(
             quantize_embeddings=quantize_embeddings,
             overwrite=overwrite,
         )
+        tracker.log_bundle(bundle)
     typer.echo(f"bundle written to {bundle}")
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "ModelArguments",
     "PretrainArguments",
     "RenderStyle",
+    "ReportTo",
     "SelectMetric",
     "ThresholdPolicy",
     "TrainingArguments",
@@ -64,6 +65,7 @@ WordPolicy = Literal["latin", "all"]
 HiddenLoss = Literal["mse", "cosine", "relation"]
 AttentionLoss = Literal["mse", "kl"]
 AttentionHeads = Literal["mean", "by-index"]
+ReportTo = Literal["none", "tensorboard", "mlflow"]  # experiment trackers (training/tracking.py)
 LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counted from 1
 
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -304,9 +306,26 @@ class TrainingArguments:
             "(e5-small: 250k x 384) a step is much cheaper, and a small data set cannot move most rows anyway."
         },
     )
+    report_to: ReportTo = field(
+        default="none",
+        metadata={
+            "help": "Log options, per-epoch metrics, the test report and the exported bundle to mlflow, or to "
+            "tensorboard (event files in <out>/tensorboard); needs the `tracking` extra."
+        },
+    )
+    tracking_uri: str | None = field(
+        default=None,
+        metadata={
+            "help": "MLflow tracking URI (--report-to mlflow); default: $MLFLOW_TRACKING_URI, else the SQLite "
+            "store sqlite:///mlruns/mlflow.db (no server needed)."
+        },
+    )
+    experiment_name: str = field(default="triage", metadata={"help": "MLflow experiment of the run."})
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        if self.tracking_uri and self.report_to != "mlflow":
+            raise ConfigError("--tracking-uri goes with --report-to mlflow")
         _at_least(self, 1, "epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "patience", "threads")
         _positive(self, "encoder_lr", "head_lr", "max_grad_norm")
         _at_least(self, 0, "weight_decay")

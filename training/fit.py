@@ -34,6 +34,7 @@ from training.objectives import CrossEntropyObjective
 from training.predict import predict_proba
 from training.run_dir import RunDirectory
 from training.run_report import evaluate_run
+from training.tracking import start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def fit(
     check_fit_options(data_args, model_args, train_args, distill_args, eval_args)
     run = RunDirectory(Path(train_args.out))
     run.write_config(data_args, model_args, train_args, distill_args, eval_args)
+    tracker = start_tracking(run, train_args)  # --report-to: logs the options now, then each epoch and the report
     if train_args.threads:
         torch.set_num_threads(train_args.threads)
     set_seed(train_args.seed)
@@ -140,6 +142,7 @@ def fit(
         }
         with run.history_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        tracker.log_epoch(record)
         counts = [f"{k} {v}" for k, v in train.items() if isinstance(v, int)]
         log.info(
             "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s%s",
@@ -162,6 +165,8 @@ def fit(
     )
     log.info("trained %d steps in %.0f s; evaluating best-%s on test", step, train_seconds, train_args.select_metric)
     evaluate_run(run, eval_args, parts=parts, metric=train_args.select_metric, device=device)
+    tracker.log_report(run.eval_dir())
+    tracker.finish()
     return run.root
 
 

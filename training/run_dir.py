@@ -5,6 +5,8 @@
       split.json               source sha256 + row ids of train/valid/test (never text)
       history.jsonl            one line of validation metrics per epoch
       train_summary.json       steps, epochs, training seconds, device
+      tracking.json            where `fit --report-to` logs (MLflow store and run id, or tensorboard/); absent: none
+      tensorboard/             TensorBoard event files (`--report-to tensorboard`)
       checkpoints/epoch-N/     save_pretrained() of the student + tokenizer + checkpoint.json (epoch, valid)
       checkpoints/best-M       symlink to the epoch that is best for validation metric M (auroc, brier, loss, f1)
       eval/                    test report of one checkpoint: metrics.json (with the decision threshold),
@@ -38,6 +40,8 @@ CONFIG_FILE = "run_config.json"
 SPLIT_FILE = "split.json"
 HISTORY_FILE = "history.jsonl"
 SUMMARY_FILE = "train_summary.json"
+TRACKING_FILE = "tracking.json"
+TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_INFO_FILE = "checkpoint.json"
 EVAL_DIR = "eval"
@@ -73,6 +77,14 @@ class RunDirectory:
     @property
     def summary_file(self) -> Path:
         return self.root / SUMMARY_FILE
+
+    @property
+    def tracking_file(self) -> Path:
+        return self.root / TRACKING_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / TENSORBOARD_DIR
 
     @property
     def checkpoints_dir(self) -> Path:
