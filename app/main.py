@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.middleware.cors import CORSMiddleware
 
-from app import cds_hooks, fhir
+from app import cds_hooks, fhir, tracing
 from app.audit import AuditTrail
 from app.auth import Authenticator, protected_routes
 from app.batching import DynamicBatcher
@@ -33,12 +33,15 @@ WARM_UP_TEXT = "warm-up"
 
 
 def create_app(settings: Settings) -> FastAPI:
+    tracer_provider = tracing.tracer_provider(settings)
     app = FastAPIOffline(
         title="ED triage classifier",
         lifespan=_lifespan,
         description="Classifies emergency-department triage notes as emergency or non-emergency.",
+        telemetry=tracing.fastapi_telemetry(settings, tracer_provider),
     )
     app.state.settings = settings
+    app.state.tracer_provider = tracer_provider
     app.state.metrics = Metrics()
     app.state.service = None
     app.state.authenticator = Authenticator(settings.api_keys, cds_hooks.ehr_tokens(settings))
@@ -104,7 +107,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         ) as batcher,
     ):
         metrics.track_queue_depth(lambda: batcher.queue_depth)
-        app.state.service = Service(settings, bundle, classifier, batcher, metrics)
+        app.state.service = Service(
+            settings, bundle, classifier, batcher, metrics, app.state.tracer_provider.get_tracer("app.service")
+        )
+        metrics.describe_model(app.state.service.description)
         logger.info(
             "model ready",
             extra={

@@ -1,21 +1,39 @@
-"""Prometheus metrics of one app, in its own registry (so that several apps in a process stay apart)."""
+"""Prometheus metrics of one app, in its own registry (so that several apps in a process stay apart): requests, the
+batcher, the predictions (to watch drift), the served model, and the process's own (CPU, memory, file descriptors,
+garbage collection). One process serves (the batcher lives in it), so no multiprocess mode."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from app.batching import BatchStats
+from app.manifest import LABELS
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# P(emergency): steps of 0.05, finer in the tails, where a calibrated model puts most notes.
+PROBABILITY_BUCKETS = (0.01, 0.025, *(round(step * 0.05, 2) for step in range(1, 20)), 0.975, 0.99)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_*: CPU seconds, memory, open fds, start time (Linux)
+        PlatformCollector(registry=self.registry)  # python_info: the interpreter's version
+        GCCollector(registry=self.registry)  # python_gc_*: collections and objects by generation
         self.requests = Counter(
             "triage_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=self.registry
         )
@@ -47,6 +65,26 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.probability = Histogram(
+            "triage_prediction_probability",
+            "P(emergency) of each note classified (its distribution drifting is a sign the notes have changed).",
+            buckets=PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "triage_predictions",
+            "Notes classified, by the label given at the bundle's threshold.",
+            ["label"],
+            registry=self.registry,
+        )
+        for label in LABELS:  # both series from 0, so that a rate of either is defined before its first note
+            self.predictions.labels(label=label)
+        self.model = Info(
+            "triage_model",
+            "The served model (value 1): bundle name and version, ONNX variant and execution provider, threshold "
+            "and how it was chosen, calibration, training method.",
+            registry=self.registry,
+        )
         self.queue_depth = Gauge("triage_queue_depth", "Notes waiting for the model.", registry=self.registry)
         self.audit_errors = Counter(
             "triage_audit_errors",
@@ -75,6 +113,13 @@ class Metrics:
         self.batch_tokens.observe(stats.padded_tokens)
         self.inference_seconds.observe(stats.seconds)
         self.notes.inc(stats.size)
+
+    def observe_prediction(self, label: str, probability: float) -> None:
+        self.predictions.labels(label=label).inc()
+        self.probability.observe(probability)
+
+    def describe_model(self, labels: Mapping[str, str]) -> None:
+        self.model.info(dict(labels))
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)

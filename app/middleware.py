@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 from fastapi.routing import APIRoute
+from opentelemetry import trace
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
@@ -39,7 +40,8 @@ class AccessLogMiddleware:
     """Gives each request an id (`X-Request-ID`, echoed), then logs and counts it once it is answered.
 
     Routes add counts to the log line through `request.state.log_fields`. An unhandled exception
-    becomes a 500 logged by type and place only: its message could quote a note.
+    becomes a 500 logged by type and place only: its message could quote a note. With tracing on, the line
+    holds the request's trace id (app/tracing.py), the caller's when it sent a traceparent.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics, route_paths: Collection[str]) -> None:
@@ -85,6 +87,8 @@ class AccessLogMiddleware:
         seconds = time.perf_counter() - started
         route = scope["path"] if scope["path"] in self.route_paths else "other"
         self.metrics.observe_request(route, status, seconds)
+        span = trace.get_current_span().get_span_context()  # FastAPI's server span, around this middleware
+        trace_fields = {"trace_id": trace.format_trace_id(span.trace_id)} if span.is_valid else {}
         logger.info(
             "request",
             extra={
@@ -94,6 +98,7 @@ class AccessLogMiddleware:
                     "route": route,
                     "status": status,
                     "duration_ms": round(seconds * 1000, 2),
+                    **trace_fields,
                     **state.get("log_fields", {}),
                 }
             },

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Literal
 
+import numpy as np
+from opentelemetry.trace import Tracer
+
 from app.batching import DynamicBatcher, InferenceFailed, QueueFull, ShuttingDown
 from app.bundle import Bundle
 from app.explain import Word, WordContribution, explanations, note_words, variants
-from app.inference import NoteClassifier
+from app.inference import EncodedNote, NoteClassifier
 from app.metrics import Metrics
 from app.schemas import ModelRef
 from app.settings import Settings
@@ -57,12 +60,28 @@ class Service:
     classifier: NoteClassifier
     batcher: DynamicBatcher
     metrics: Metrics
+    tracer: Tracer  # makes no spans unless tracing is on (app/tracing.py)
 
     @property
     def model(self) -> ModelRef:
         return ModelRef(
             name=self.settings.model_name or self.bundle.manifest.name, version=self.bundle.manifest.version
         )
+
+    @property
+    def description(self) -> dict[str, str]:
+        """The served model in a few words: the labels of the triage_model_info metric."""
+        manifest = self.bundle.manifest
+        return {
+            "name": self.model.name,
+            "version": manifest.version,
+            "variant": self.bundle.variant,
+            "provider": self.bundle.providers[0],  # the one ONNX Runtime tries first; CPU is always a fallback
+            "threshold": str(manifest.decision.threshold),
+            "threshold_policy": manifest.decision.policy,
+            "calibration": manifest.calibration.method,
+            "method": manifest.encoders.method,
+        }
 
 
 @dataclass(frozen=True)
@@ -81,7 +100,8 @@ async def classify_texts(
     service: Service, texts: list[str], log_fields: LogFields, *, explain: bool = False
 ) -> list[Classification]:
     """Labels of `texts`, in order: the note limits (413), tokenization, the dynamic batcher (429, 503, 500)
-    and the bundle's threshold; with `explain`, each with its explanation. Adds counts to `log_fields`."""
+    and the bundle's threshold; with `explain`, each with its explanation. Adds counts to `log_fields`, records
+    each label and P(emergency) in the metrics, and traces the inference (counts only) when tracing is on."""
     settings = service.settings
     lengths = [len(text) for text in texts]
     log_fields.update(notes=len(texts), text_chars_total=sum(lengths), text_chars_max=max(lengths))
@@ -114,21 +134,7 @@ async def classify_texts(
             f"notes at positions {truncated} exceed {service.classifier.max_note_tokens} tokens",
         )
 
-    try:
-        scored = await service.batcher.classify([note.ids for note in encoded_all], settings.request_timeout_s)
-    except QueueFull:
-        raise ServiceError(HTTPStatus.TOO_MANY_REQUESTS, "queue full, retry later", retry=True) from None
-    except ShuttingDown:
-        raise ServiceError(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down", retry=True) from None
-    except TimeoutError:
-        raise ServiceError(
-            HTTPStatus.SERVICE_UNAVAILABLE,
-            f"no answer from the model within {settings.request_timeout_s} s",
-            retry=True,
-        ) from None
-    except InferenceFailed:
-        raise ServiceError(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed on this request") from None
-
+    scored = await _score(service, encoded_all)
     service.metrics.notes_truncated.inc(len(truncated))
     probabilities = scored[: len(texts)]
     explained: Sequence[tuple[WordContribution, ...] | None] = (
@@ -137,7 +143,7 @@ async def classify_texts(
         else [None] * len(texts)
     )
     threshold = service.bundle.manifest.decision.threshold
-    return [
+    classified = [
         Classification(
             "emergency" if probability >= threshold else "non-emergency",
             float(probability),
@@ -149,6 +155,34 @@ async def classify_texts(
         )
         for note, probability, length, explanation in zip(encoded, probabilities, lengths, explained, strict=True)
     ]
+    for result in classified:
+        service.metrics.observe_prediction(result.label, result.probability)
+    return classified
+
+
+async def _score(service: Service, encoded: list[EncodedNote]) -> np.ndarray:
+    """P(emergency) of each encoded note (or explanation variant) from the dynamic batcher, in one span: its queue
+    wait and its share of the batched model runs."""
+    timeout_s = service.settings.request_timeout_s
+    attributes: dict[str, int | str] = {
+        "triage.batch.size": len(encoded),
+        "triage.batch.tokens": sum(len(note.ids) for note in encoded),
+        "triage.model.version": service.bundle.manifest.version,
+    }
+    # Not the exceptions' stack traces: the span's status says which ServiceError (its message names no note).
+    with service.tracer.start_as_current_span("triage.inference", attributes=attributes, record_exception=False):
+        try:
+            return await service.batcher.classify([note.ids for note in encoded], timeout_s)
+        except QueueFull:
+            raise ServiceError(HTTPStatus.TOO_MANY_REQUESTS, "queue full, retry later", retry=True) from None
+        except ShuttingDown:
+            raise ServiceError(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down", retry=True) from None
+        except TimeoutError:
+            raise ServiceError(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"no answer from the model within {timeout_s} s", retry=True
+            ) from None
+        except InferenceFailed:
+            raise ServiceError(HTTPStatus.INTERNAL_SERVER_ERROR, "the model failed on this request") from None
 
 
 def _words_to_explain(texts: list[str], max_words: int) -> list[list[Word]]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.cds_auth import ASYMMETRIC_ALGORITHMS, static_key
+from app.tracing import Exporter, missing_modules
 
 ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]+)?")
 
@@ -163,6 +164,18 @@ class Settings(BaseSettings):
     audit_log_stream: bool = Field(
         True, description="Also write each audit record to the log stream (logger triage.audit)."
     )
+    otel_enabled: bool = Field(
+        False,
+        description="OpenTelemetry tracing (needs the `tracing` extra): a span per request, continuing an incoming "
+        "W3C traceparent, and one for its model inference; counts and durations only, never note text. Health "
+        "probes and /metrics are not traced.",
+    )
+    otel_exporter: Exporter = Field(
+        "otlp",
+        description="Where spans go: otlp (OTLP/HTTP; endpoint, headers and the rest from the standard "
+        "OTEL_EXPORTER_OTLP_* variables, default http://localhost:4318), console (stdout), or none (trace ids "
+        "still continued into the access log).",
+    )
 
     @field_validator("api_keys", "jwt_algorithms", "cors_origins", mode="before")
     @classmethod
@@ -238,4 +251,14 @@ class Settings(BaseSettings):
     def _check_audit_has_a_sink(self) -> Settings:
         if self.audit_file is None and not self.audit_log_stream:
             raise ValueError("audit_log_stream is off and no audit_file is set: the audit trail would go nowhere")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tracing_installed(self) -> Settings:
+        missing = missing_modules(self.otel_exporter) if self.otel_enabled else []
+        if missing:
+            raise ValueError(
+                f"otel_enabled needs {', '.join(missing)}, which is not installed: install the service with its "
+                "`tracing` extra (pip install 'dsgkd-triage[tracing]'), or turn tracing off"
+            )
         return self

@@ -40,6 +40,25 @@ class CheckpointKeeper:
         self._remove_unreferenced()
         return improved
 
+    def state_dict(self) -> dict[str, list[float]]:
+        """The best value of each metric so far and the epoch it was reached at (the resumable state keeps it)."""
+        return {metric: [value, self._epoch_of(metric)] for metric, value in self.best.items()}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        """Back to `state`: links to its epochs again, and checkpoints saved after it (by a stopped session) removed."""
+        self.best = {}
+        for metric in TRACKED:
+            link = self.run.best_link(metric)
+            link.unlink(missing_ok=True)
+            if metric in state:
+                value, epoch = state[metric]
+                self.best[metric] = value
+                link.symlink_to(self.run.epoch_checkpoint(int(epoch)).name, target_is_directory=True)
+        self._remove_unreferenced()
+
+    def _epoch_of(self, metric: SelectMetric) -> int:
+        return int(self.run.best_link(metric).resolve().name.removeprefix("epoch-"))
+
     def _better(self, metric: SelectMetric, value: float, higher: bool) -> bool:
         if metric not in self.best:
             return True

@@ -34,6 +34,13 @@ def length_sorted_batches(texts: list[str], batch_size: int) -> list[np.ndarray]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def epoch_batches(size: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The training batches of `epoch`: the positions 0..size-1 in an order seeded by seed + epoch, cut into
+    batches. A function of its arguments alone: a resumed run finds its place by counting batches."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[start : start + batch_size] for start in range(0, size, batch_size)]
+
+
 class Positions(torch.utils.data.Dataset[int]):
     """The positions 0..n-1 of a set of examples: what a loader samples and hands to a collator."""
 

@@ -306,6 +306,20 @@ class TrainingArguments:
             "(e5-small: 250k x 384) a step is much cheaper, and a small data set cannot move most rows anyway."
         },
     )
+    checkpoint_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also write the resumable state every this many optimizer steps (it is always written at the "
+            "end of each epoch, to checkpoints/resume.pt, and removed when fit ends)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the stopped run in --out from its resumable state; every other option must be as in "
+            "its run_config.json (except --checkpoint-steps and --threads)."
+        },
+    )
     report_to: ReportTo = field(
         default="none",
         metadata={
@@ -327,6 +341,7 @@ class TrainingArguments:
         if self.tracking_uri and self.report_to != "mlflow":
             raise ConfigError("--tracking-uri goes with --report-to mlflow")
         _at_least(self, 1, "epochs", "max_steps", "batch_size", "eval_batch_size", "grad_accum", "patience", "threads")
+        _at_least(self, 1, "checkpoint_steps")
         _positive(self, "encoder_lr", "head_lr", "max_grad_norm")
         _at_least(self, 0, "weight_decay")
         _fraction(self, "warmup_ratio", low_open=False)

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup, set_seed
 
 from training.checkpoints import CheckpointKeeper
-from training.collate import Positions
+from training.collate import epoch_batches
 from training.config import (
     DataArguments,
     DistillArguments,
@@ -30,11 +31,12 @@ from training.config import (
 from training.data.loading import load_parts
 from training.evaluate import compute_metrics
 from training.modeling import load_student, load_tokenizer, parameter_groups, to_device
-from training.objectives import CrossEntropyObjective
+from training.objectives import CrossEntropyObjective, TrainingStep
 from training.predict import predict_proba
+from training.resume import Progress, restore, save_state, start_or_resume
 from training.run_dir import RunDirectory
 from training.run_report import evaluate_run
-from training.tracking import start_tracking
+from training.tracking import open_tracking, start_tracking
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,17 @@ def fit(
     """Train, keep the best checkpoints, evaluate the `select_metric` one on test; returns the run directory."""
     check_fit_options(data_args, model_args, train_args, distill_args, eval_args)
     run = RunDirectory(Path(train_args.out))
-    run.write_config(data_args, model_args, train_args, distill_args, eval_args)
-    tracker = start_tracking(run, train_args)  # --report-to: logs the options now, then each epoch and the report
+    state = start_or_resume(run, data_args, model_args, train_args, distill_args, eval_args)
+    if state is not None and run.split_file.is_file():
+        data_args = replace(data_args, split_file=str(run.split_file))  # the saved split: an error if the data changed
+    # --report-to: logs the options now, then each epoch and the report (a resumed run goes on logging to its tracker)
+    tracker = start_tracking(run, train_args) if state is None else open_tracking(run)
     if train_args.threads:
         torch.set_num_threads(train_args.threads)
     set_seed(train_args.seed)
     device = pick_device(train_args.device)
 
-    parts = load_parts(data_args, save_split=run.split_file)
+    parts = load_parts(data_args, save_split=None if state else run.split_file)
     tokenizer = load_tokenizer(model_args.student)
     attn = "sdpa" if train_args.method == "base" else "eager"  # distillation reads attention maps
     model = to_device(load_student(model_args.student, attn_implementation=attn), device)
@@ -78,21 +83,15 @@ def fit(
         model.get_input_embeddings().weight.requires_grad_(False)
     objective = build_objective(train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device)
 
-    generator = torch.Generator().manual_seed(train_args.seed)
     collator = objective.collator(parts["train"])
-    loader = torch.utils.data.DataLoader(
-        Positions(len(parts["train"])),
-        batch_size=train_args.batch_size,
-        shuffle=True,
-        generator=generator,
-        collate_fn=collator,
-    )
+    notes = len(parts["train"])
+    trainable = TrainingStep(model, objective)
     groups = parameter_groups(model, train_args.encoder_lr, train_args.head_lr, train_args.weight_decay)
     extra = [p for module in objective.extra_modules() for p in module.parameters()]
     if extra:
         groups.append({"params": extra, "lr": train_args.head_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
-    steps_per_epoch = math.ceil(len(loader) / train_args.grad_accum)
+    steps_per_epoch = math.ceil(math.ceil(notes / train_args.batch_size) / train_args.grad_accum)
     total_steps = steps_per_epoch * train_args.epochs
     if train_args.max_steps:
         total_steps = min(total_steps, train_args.max_steps)
@@ -101,45 +100,60 @@ def fit(
 
     keeper = CheckpointKeeper(run)
     prevalence = float(parts["train"].labels.mean())
-    run.history_file.write_text("")
-    step, stale, start = 0, 0, time.perf_counter()
-    for epoch in range(1, train_args.epochs + 1):
+    progress = Progress() if state is None else restore(state, trainable, optimizer, scheduler, scaler)
+    del state  # loaded into the training objects: the copy is freed
+    keeper.load_state_dict(progress.best)
+    run.history_file.write_text("".join(json.dumps(record) + "\n" for record in progress.history))
+    start = time.perf_counter() - progress.elapsed_s
+
+    def save_progress() -> None:
+        progress.elapsed_s = time.perf_counter() - start
+        save_state(run.resume_file, trainable, optimizer, scheduler, scaler, progress)
+
+    for epoch in range(progress.epoch, train_args.epochs + 1):
         # --render mixed: every training note is re-drawn each epoch (validation keeps its fixed epoch-0 draw).
         collator.examples = parts["train"].for_epoch(epoch)
-        model.train()
-        batches = iter(loader)
-        progress = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step", leave=False)
-        epoch_logs: list[dict[str, float]] = []
-        while step < total_steps and (group := list(islice(batches, train_args.grad_accum))):
+        trainable.train()
+        done = progress.epoch_steps * train_args.grad_accum  # batches a stopped session trained on
+        # Collated here rather than by a DataLoader, whose every iterator draws a seed from the RNG a resumed
+        # run restores.
+        batches = map(collator, epoch_batches(notes, train_args.batch_size, train_args.seed, epoch)[done:])
+        bar = tqdm(total=steps_per_epoch, initial=progress.epoch_steps, desc=f"epoch {epoch}", unit="step", leave=False)
+        while progress.step < total_steps and (group := list(islice(batches, train_args.grad_accum))):
             group = [{k: v.to(device) for k, v in b.items()} for b in group]
             words = sum(objective.count_words(b) for b in group)
             for batch in group:
                 with autocast():
-                    loss, logs = objective.loss(model, batch, len(group), words)
+                    loss, logs = trainable(batch, len(group), words)
                 scaler.scale(loss).backward()
-                epoch_logs.append(logs)
+                progress.epoch_logs.append(logs)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], train_args.max_grad_norm)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            step += 1
-            progress.update()
-            progress.set_postfix(loss=f"{logs['ce']:.3f}")
-        progress.close()
+            progress.step += 1
+            progress.epoch_steps += 1
+            bar.update()
+            bar.set_postfix(loss=f"{logs['ce']:.3f}")
+            if train_args.checkpoint_steps and progress.step % train_args.checkpoint_steps == 0:
+                save_progress()
+        bar.close()
 
         metrics = _validate(model, tokenizer, parts["valid"], prevalence, train_args, model_args, device)
         improved = keeper.update(epoch, metrics, model, tokenizer)
-        train = _epoch_summary(epoch_logs)
+        progress.best = keeper.state_dict()
+        train = _epoch_summary(progress.epoch_logs)
         record = {
             "epoch": epoch,
-            "step": step,
+            "step": progress.step,
             "elapsed_s": round(time.perf_counter() - start, 1),
             "train": train,
             "valid": metrics,
             "improved": improved,
         }
+        progress.history.append(record)
         with run.history_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         tracker.log_epoch(record)
@@ -153,18 +167,24 @@ def fit(
             f" (best {', '.join(improved)})" if improved else "",
             f"; train {', '.join(counts)}" if counts else "",
         )
-        stale = 0 if train_args.select_metric in improved else stale + 1
-        if stale >= train_args.patience or step >= total_steps:
+        progress.stale = 0 if train_args.select_metric in improved else progress.stale + 1
+        if progress.stale >= train_args.patience or progress.step >= total_steps or epoch == train_args.epochs:
             break
+        progress.epoch, progress.epoch_steps, progress.epoch_logs = epoch + 1, 0, []
+        save_progress()
 
     train_seconds = time.perf_counter() - start
     run.summary_file.write_text(
         json.dumps(
-            {"steps": step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)}, indent=2
+            {"steps": progress.step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)},
+            indent=2,
         )
     )
-    log.info("trained %d steps in %.0f s; evaluating best-%s on test", step, train_seconds, train_args.select_metric)
+    log.info(
+        "trained %d steps in %.0f s; evaluating best-%s on test", progress.step, train_seconds, train_args.select_metric
+    )
     evaluate_run(run, eval_args, parts=parts, metric=train_args.select_metric, device=device)
+    run.resume_file.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
     tracker.log_report(run.eval_dir())
     tracker.finish()
     return run.root

@@ -9,6 +9,7 @@
       tensorboard/             TensorBoard event files (`--report-to tensorboard`)
       checkpoints/epoch-N/     save_pretrained() of the student + tokenizer + checkpoint.json (epoch, valid)
       checkpoints/best-M       symlink to the epoch that is best for validation metric M (auroc, brier, loss, f1)
+      checkpoints/resume.pt    the resumable state of a run in progress (training/resume.py); removed at its end
       eval/                    test report of one checkpoint: metrics.json (with the decision threshold),
                                report.md, roc.png, pr.png, reliability.png, predictions.csv
       eval-external/           the same for `evaluate --data FILE` (no decision threshold)
@@ -44,6 +45,7 @@ TRACKING_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_INFO_FILE = "checkpoint.json"
+RESUME_FILE = "resume.pt"
 EVAL_DIR = "eval"
 EXTERNAL_EVAL_DIR = "eval-external"
 RENDER_EVAL_DIR = "eval-render-{style}"
@@ -90,6 +92,10 @@ class RunDirectory:
     def checkpoints_dir(self) -> Path:
         return self.root / CHECKPOINTS_DIR
 
+    @property
+    def resume_file(self) -> Path:
+        return self.checkpoints_dir / RESUME_FILE
+
     def epoch_checkpoint(self, epoch: int) -> Path:
         return self.checkpoints_dir / f"epoch-{epoch}"
 
@@ -129,16 +135,8 @@ class RunDirectory:
         distill: DistillArguments,
         evaluation: EvalArguments,
     ) -> None:
-        groups: dict[str, Any] = {
-            "data": data,
-            "model": model,
-            "training": training,
-            "distill": distill,
-            "evaluation": evaluation,
-        }
-        config = {name: {f.name: getattr(group, f.name) for f in fields(group)} for name, group in groups.items()}
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(json.dumps(config, indent=2))
+        self.config_file.write_text(json.dumps(run_config(data, model, training, distill, evaluation), indent=2))
 
     def read_config(self) -> dict[str, Any]:
         if not self.config_file.is_file():
@@ -185,3 +183,21 @@ class RunDirectory:
             raise RunDirectoryError(f"{self.metrics_file()}: no decision threshold; evaluate the run again")
         decision: dict[str, Any] = report["decision"]
         return decision
+
+
+def run_config(
+    data: DataArguments,
+    model: ModelArguments,
+    training: TrainingArguments,
+    distill: DistillArguments,
+    evaluation: EvalArguments,
+) -> dict[str, Any]:
+    """Every option of a run, grouped as run_config.json keeps them."""
+    groups: dict[str, Any] = {
+        "data": data,
+        "model": model,
+        "training": training,
+        "distill": distill,
+        "evaluation": evaluation,
+    }
+    return {name: {f.name: getattr(group, f.name) for f in fields(group)} for name, group in groups.items()}

@@ -116,7 +116,11 @@ def load_or_build(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name[:12]}-", dir=root))
     try:
         log.info("building teacher cache %s in %s", directory.name[:12], root)
-        loader = torch.utils.data.DataLoader(Positions(len(collator.examples)), batch_size, collate_fn=collator)
+        # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and a run that builds the
+        # cache would then train differently from the same run reusing it.
+        loader = torch.utils.data.DataLoader(
+            Positions(len(collator.examples)), batch_size, collate_fn=collator, generator=torch.Generator()
+        )
         layout = _write_features(staging, teacher, loss, loader, device)
         size = sum(path.stat().st_size for path in staging.iterdir())
         manifest = {"fingerprint": directory.name, "key": key, **layout, "bytes": size}

@@ -126,7 +126,7 @@ class DistillObjective:
         return run_teacher(self.teacher, self.distill_loss, batch)
 
     def loss(
-        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int, accum_words: int
+        self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int, accum_words: float
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The step's loss, and its logs: losses (floats, averaged per epoch by fit) and word counts (ints,
         summed per epoch): aligned words, and candidate words lost to either model's truncation or --max-words."""
