@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 LABELS = ("non-emergency", "emergency")
@@ -81,6 +81,30 @@ class Variant(Strict):
         "depends on the notes batched with it (None: not measured).",
     )
     note: str | None = Field(None, description="Why the variant was dropped or not evaluated.")
+    checked_on: str | None = Field(
+        None, description="The ONNX Runtime execution provider these figures were measured on (None: not recorded)."
+    )
+    probe_atol: float | None = Field(
+        None,
+        description="The largest |P(emergency) - fp32 reference| on the manifest's probe notes that the service "
+        "accepts at start with this variant, on any provider (None: not measured).",
+    )
+
+
+class Probes(Strict):
+    """SYNTHETIC notes written for the check (no patient's), and fp32's logit margins on them at export, on the CPU
+    provider. At every start the service scores them with the variant it serves, on the provider in use, and is
+    not ready when a P(emergency) differs from sigmoid(calibration of the margin) by more than the variant's
+    `probe_atol`. Margins rather than probabilities, so that a recalibrated bundle keeps its reference."""
+
+    notes: list[str] = Field(min_length=1)
+    fp32_margins: list[float]
+
+    @model_validator(mode="after")
+    def _one_margin_per_note(self) -> Probes:
+        if len(self.fp32_margins) != len(self.notes):
+            raise ValueError(f"{len(self.notes)} notes but {len(self.fp32_margins)} fp32_margins")
+        return self
 
 
 class Manifest(Strict):
@@ -110,3 +134,14 @@ class Manifest(Strict):
     recalibration: Recalibration | None = Field(
         None, description="Present when the calibration and threshold were refitted on a site's own notes."
     )
+    probes: Probes | None = Field(
+        None, description="What the service checks its variant against at start (None: exported before probes)."
+    )
+
+    @model_validator(mode="after")
+    def _kept_variants_have_a_probe_tolerance(self) -> Manifest:
+        if self.probes is not None:
+            missing = [name for name, v in self.variants.items() if v.kept and v.probe_atol is None]
+            if missing:
+                raise ValueError(f"probes are given but variants {missing} have no probe_atol")
+        return self

@@ -3,10 +3,12 @@
 `out_dir/` receives model.onnx (fp32), model.int8.onnx, model.fp16.onnx, the tokenizer files,
 manifest.json and MODEL_CARD.md. Every variant is checked against PyTorch on the run's held-out notes
 (validation + test) through the service's own code path (`app.inference.NoteClassifier`: tokenizers + ONNX
-Runtime, CPU provider): fp32 must match within `parity_atol`, or the export fails; int8 and fp16 are kept only when
-their validation AUROC is within `tolerance` of PyTorch's and a note's P(emergency) scored alone is within
-`batch_shift_atol` of the same note scored in a batch (the service batches notes of unrelated requests
-together), and their figures are recorded either way.
+Runtime; the CPU provider, except fp16 on CUDA where this ONNX Runtime build has it): fp32 must match within
+`parity_atol`, or the export fails; int8 and fp16 are kept only when their validation AUROC is within `tolerance`
+of PyTorch's and a note's P(emergency) scored alone is within `batch_shift_atol` of the same note scored in a
+batch (the service batches notes of unrelated requests together), and their figures are recorded either way.
+The manifest also carries the probe notes (`training.probe_notes`) with fp32's margins on them and, per variant,
+the tolerance the service holds it to when it re-scores them at start (`app.readiness`).
 The bundle is built in a temporary sibling directory and renamed into place, so a failed export
 leaves nothing behind.
 """
@@ -29,9 +31,18 @@ from sklearn.metrics import roc_auc_score
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from app.bundle import CPU, MANIFEST_FILE, TOKENIZER_FILE, BundleError, create_session, load_tokenizer, sha256_file
+from app.bundle import (
+    CPU,
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    BundleError,
+    create_session,
+    default_providers,
+    load_tokenizer,
+    sha256_file,
+)
 from app.inference import NoteClassifier, calibrated_probability
-from app.manifest import Calibration, Decision, Encoders, Manifest, Variant
+from app.manifest import Calibration, Decision, Encoders, Manifest, Probes, Variant
 from training.config import SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_parts
@@ -39,6 +50,7 @@ from training.model_card import write_model_card
 from training.modeling import load_student, position_limit
 from training.modeling import load_tokenizer as load_hf_tokenizer
 from training.onnx_variants import ExportError, convert_fp16, export_fp32, quantize_int8
+from training.probe_notes import PROBE_NOTES
 from training.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,11 @@ PARITY_BATCH_SIZE = 32
 # int8's activation ranges are taken on the first training notes: enough to cover the ranges, few enough
 # to calibrate in seconds; held-out notes stay unseen, as they judge the variant.
 CALIBRATION_NOTES = 256
+# A variant's tolerance on the probe notes at start is the largest difference the export saw (on the held-out and
+# the probe notes) plus this room for another provider's arithmetic: fp16 on CUDA computes in fp16 where the CPU
+# provider computes in fp32, and a GPU's kernels sum in another order. A broken run (NaN, a wrong library, a
+# tampered file) misses it by far.
+PROBE_ROOM = 0.01
 
 
 def export_bundle(
@@ -145,7 +162,14 @@ def _build(
     export_method = export_fp32(source.checkpoint, fp32_file)
     fp32_classifier = NoteClassifier(create_session(fp32_file, [CPU]), tokenizer, limit, source.calibration)
     torch_probs = calibrated_probability(torch_margins(model, fp32_classifier, held_out), source.calibration)
-    reference = Reference(held_out, torch_probs, source.parts["valid"].labels, source.decision.threshold)
+    probes = Probes(notes=list(PROBE_NOTES), fp32_margins=fp32_classifier.predict_margins(PROBE_NOTES).tolist())
+    reference = Reference(
+        held_out,
+        torch_probs,
+        source.parts["valid"].labels,
+        source.decision.threshold,
+        calibrated_probability(np.asarray(probes.fp32_margins), source.calibration),
+    )
     log.info("PyTorch: validation AUROC %.4f; %d held-out notes for parity", reference.torch_valid_auroc, len(held_out))
     quantize_int8(
         fp32_file,
@@ -159,7 +183,13 @@ def _build(
     # fp32 is held to parity with PyTorch instead.
     unlimited = Limits(math.inf, math.inf, math.inf)
     variants = {
-        variant: _measure(staging / file_name, fp32_classifier, reference, unlimited if variant == "fp32" else limits)
+        variant: _measure(
+            staging / file_name,
+            fp32_classifier,
+            reference,
+            unlimited if variant == "fp32" else limits,
+            default_providers() if variant == "fp16" else [CPU],  # where each is served
+        )
         for variant, file_name in MODEL_FILES.items()
     }
     fp32 = variants["fp32"]
@@ -192,6 +222,7 @@ def _build(
         tokenizer_files=tokenizer_files,
         export_method=export_method,
         library_versions=_library_versions(),
+        probes=probes,
     )
     (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     write_model_card(staging / "MODEL_CARD.md", manifest, config["data"], source.parts, source.report, len(held_out))
@@ -206,6 +237,7 @@ class Reference:
     torch_probs: np.ndarray
     valid_labels: np.ndarray
     threshold: float
+    probe_probs: np.ndarray  # fp32 ONNX's P(emergency) on the probe notes
 
     @property
     def torch_valid_auroc(self) -> float:
@@ -225,12 +257,14 @@ def torch_margins(model: PreTrainedModel, classifier: NoteClassifier, texts: lis
     return margins
 
 
-def _measure(model_file: Path, fp32_classifier: NoteClassifier, reference: Reference, limits: Limits) -> Variant:
+def _measure(
+    model_file: Path, fp32_classifier: NoteClassifier, reference: Reference, limits: Limits, providers: list[str]
+) -> Variant:
     """Parity figures of one ONNX file against PyTorch, scored by the service's own `NoteClassifier` (with the
-    fp32 classifier's tokenizer, limit and calibration); kept when it meets `limits`."""
+    fp32 classifier's tokenizer, limit and calibration) on `providers`; kept when it meets `limits`."""
     figures = {"file": model_file.name, "sha256": sha256_file(model_file), "size_bytes": model_file.stat().st_size}
     try:
-        classifier = fp32_classifier.with_session(create_session(model_file, [CPU]))
+        classifier = fp32_classifier.with_session(create_session(model_file, providers))
     except BundleError as error:  # e.g. an fp16 kernel the CPU provider lacks: recorded, and the variant dropped
         log.warning("%s", error)
         return Variant(
@@ -240,8 +274,9 @@ def _measure(model_file: Path, fp32_classifier: NoteClassifier, reference: Refer
             label_agreement=None,
             valid_auroc=None,
             auroc_drop=None,
-            note=f"not evaluated: the CPU provider cannot run it ({error})",
+            note=f"not evaluated: {providers[0]} cannot run it ({error})",
         )
+    provider = classifier.session.get_providers()[0]
     probs = classifier.predict_proba(reference.texts, PARITY_BATCH_SIZE)
     batch_shift = float(np.abs(classifier.predict_proba(reference.texts, batch_size=1) - probs).max())
     valid_auroc = float(roc_auc_score(reference.valid_labels, probs[: len(reference.valid_labels)]))
@@ -256,19 +291,24 @@ def _measure(model_file: Path, fp32_classifier: NoteClassifier, reference: Refer
         )
     threshold = reference.threshold
     label_agreement = float(np.mean((probs >= threshold) == (reference.torch_probs >= threshold)))
+    max_abs_diff = float(np.abs(probs - reference.torch_probs).max())
+    probe_diff = float(np.abs(classifier.predict_proba(PROBE_NOTES) - reference.probe_probs).max())
     variant = Variant(
         **figures,
         kept=not faults,
-        max_abs_diff=float(np.abs(probs - reference.torch_probs).max()),
+        max_abs_diff=max_abs_diff,
         label_agreement=label_agreement,
         valid_auroc=valid_auroc,
         auroc_drop=drop,
         batch_shift=batch_shift,
         note="; ".join(faults) or None,
+        checked_on=provider,
+        probe_atol=max(max_abs_diff, probe_diff) + PROBE_ROOM,
     )
     log.info(
-        "%s: max |dP| %.2e, label agreement %.2f%%, validation AUROC drop %+.4f, batch shift %.2e%s",
+        "%s on %s: max |dP| %.2e, label agreement %.2f%%, validation AUROC drop %+.4f, batch shift %.2e%s",
         model_file.name,
+        provider,
         variant.max_abs_diff,
         100 * label_agreement,
         drop,

@@ -16,11 +16,12 @@ from app.manifest import Calibration, Manifest
 from training.cli import app
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.data.loading import load_parts
-from training.export import ExportError, export_bundle
+from training.export import PROBE_ROOM, ExportError, export_bundle
 from training.fit import fit
 from training.modeling import load_student, load_tokenizer
 from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.predict import predict_proba
+from training.probe_notes import PROBE_NOTES
 from training.run_dir import RunDirectory
 
 CPU = ["CPUExecutionProvider"]
@@ -157,6 +158,42 @@ def test_manifest_describes_the_run_and_round_trips(bundle, tiny_run):
     for file_name, digest in manifest.tokenizer_files.items():
         assert sha256_file(bundle / file_name) == digest
     assert "tokenizer.json" in manifest.tokenizer_files and any("unchanged" in r for r in manifest.preprocessing)
+
+
+def test_the_manifest_carries_the_probe_notes_their_fp32_margins_and_each_variants_tolerance(bundle):
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    assert manifest.probes.notes == list(PROBE_NOTES)
+    fp32 = NoteClassifier.from_bundle(load_bundle(bundle, "fp32", providers=CPU))
+    assert fp32.encode(PROBE_NOTES)[-1].truncated  # the long probe checks the cut and the longest shape too
+    margins = fp32.predict_margins(PROBE_NOTES)
+    np.testing.assert_array_equal(np.float32(manifest.probes.fp32_margins), margins)
+    expected = calibrated_probability(margins, manifest.calibration)
+    for name, variant in manifest.variants.items():
+        assert variant.checked_on == "CPUExecutionProvider"
+        if variant.kept:
+            scored = NoteClassifier.from_bundle(load_bundle(bundle, name, providers=CPU)).predict_proba(PROBE_NOTES)
+            probe_diff = float(np.abs(scored - expected).max())
+            assert variant.probe_atol == pytest.approx(max(variant.max_abs_diff, probe_diff) + PROBE_ROOM)
+
+
+def test_fp16_is_checked_on_cuda_where_onnx_runtime_has_it_the_others_on_the_cpu(tiny_run, tmp_path, monkeypatch):
+    """Each variant is checked on the provider that serves it. This machine's ONNX Runtime has no CUDA provider, so
+    the session asked for CUDA runs on the CPU, and the manifest says so."""
+    import training.export
+
+    asked = {}
+    create_session = training.export.create_session
+
+    def recorded(model_file, providers, *args):
+        asked[model_file.name] = providers
+        return create_session(model_file, providers, *args)
+
+    monkeypatch.setattr(training.export, "create_session", recorded)
+    monkeypatch.setattr(training.export, "default_providers", lambda: ["CUDAExecutionProvider", *CPU])
+    bundle = export_bundle(tiny_run, tmp_path / "on-a-gpu-host", tolerance=1.0)
+    assert asked == {"model.onnx": CPU, "model.int8.onnx": CPU, "model.fp16.onnx": ["CUDAExecutionProvider", *CPU]}
+    manifest = Manifest.model_validate_json((bundle / "manifest.json").read_text())
+    assert {variant.checked_on for variant in manifest.variants.values()} == {"CPUExecutionProvider"}
 
 
 def test_model_card_is_written(bundle):
