@@ -31,6 +31,7 @@ except ModuleNotFoundError as error:  # the service's own package does not pull 
     ) from error
 
 InferenceSession = ort.InferenceSession
+OrtValue = ort.OrtValue
 
 logger = logging.getLogger(__name__)
 
@@ -55,19 +56,24 @@ class Bundle:
 
 
 def load_bundle(
-    path: str | Path, variant: str = "auto", intra_op_threads: int | None = None, providers: list[str] | None = None
+    path: str | Path,
+    variant: str = "auto",
+    intra_op_threads: int | None = None,
+    providers: list[str] | None = None,
+    device_id: int = 0,
 ) -> Bundle:
     """Verify and load a bundle.
 
     `variant`: fp32, int8, fp16, or auto (fp16 on CUDA if kept, else int8 on CPU if kept, else fp32).
     `providers`: ONNX Runtime execution providers; default CUDA when onnxruntime-gpu offers it, else CPU.
+    `device_id`: the GPU the CUDA provider runs on.
     """
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory")
     manifest = read_manifest(root)
     _require_listed_files(root, manifest)
-    providers = providers or _default_providers()
+    providers = providers or default_providers()
     on_cuda = CUDA in providers and CUDA in ort.get_available_providers()
     # Every file the manifest lists, not only the variant chosen now: a damaged variant is found at start,
     # not on the day a restart on other hardware picks it.
@@ -76,20 +82,36 @@ def load_bundle(
         _verify_sha256(root / name, digest)
     tokenizer = load_tokenizer(root / TOKENIZER_FILE)
     chosen = _choose_variant(manifest, variant, on_cuda)
-    session = _open_variant(root, manifest, chosen, providers, intra_op_threads)
-    if on_cuda and variant == "auto" and CUDA not in session.get_providers():
-        # onnxruntime-gpu lists CUDA even on a host without a usable GPU, then runs on the CPU:
-        # serve the CPU's preferred variant rather than fp16 on the CPU.
-        logger.warning("CUDA was asked for but is not in use; choosing the variant for the CPU")
-        chosen = _choose_variant(manifest, variant, on_cuda=False)
-        session = _open_variant(root, manifest, chosen, [CPU], intra_op_threads)
+    session = _open_variant(root, manifest, chosen, providers, intra_op_threads, device_id)
+    if CUDA in providers and CUDA not in session.get_providers():
+        logger.warning(
+            "CUDA was asked for but is not in use: running on the CPU", extra={"fields": {"reason": cuda_unused()}}
+        )
+        if on_cuda and variant == "auto":
+            # onnxruntime-gpu lists CUDA even on a host without a usable GPU, then runs on the CPU:
+            # serve the CPU's preferred variant rather than fp16 on the CPU.
+            chosen = _choose_variant(manifest, variant, on_cuda=False)
+            session = _open_variant(root, manifest, chosen, [CPU], intra_op_threads, device_id)
     return Bundle(manifest, tokenizer, session, chosen, session.get_providers())
 
 
+def cuda_unused() -> str:
+    """Why an ONNX Runtime session asked for CUDA runs without it."""
+    if CUDA not in ort.get_available_providers():
+        return (
+            f"this ONNX Runtime build ({ort.__version__}) has no CUDA provider: install the `gpu` extra "
+            "(onnxruntime-gpu) instead of the `cpu` extra (onnxruntime)"
+        )
+    return (
+        "onnxruntime-gpu could not start its CUDA provider: a CUDA or cuDNN library failed to load, or no GPU is "
+        "visible (ONNX Runtime's own error precedes this line)"
+    )
+
+
 def _open_variant(
-    root: Path, manifest: Manifest, variant: str, providers: list[str], intra_op_threads: int | None
+    root: Path, manifest: Manifest, variant: str, providers: list[str], intra_op_threads: int | None, device_id: int
 ) -> ort.InferenceSession:
-    return create_session(root / manifest.variants[variant].file, providers, intra_op_threads)
+    return create_session(root / manifest.variants[variant].file, providers, intra_op_threads, device_id)
 
 
 def read_manifest(root: Path) -> Manifest:
@@ -116,19 +138,23 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def create_session(model_path: Path, providers: list[str], intra_op_threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session with every graph optimization applied at load time, for the provider in use."""
+def create_session(
+    model_path: Path, providers: list[str], intra_op_threads: int | None = None, device_id: int = 0
+) -> ort.InferenceSession:
+    """An ONNX Runtime session with every graph optimization applied at load time, for the provider in use;
+    CUDA on GPU `device_id`."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
+    with_options = [(name, {"device_id": device_id}) if name == CUDA else name for name in providers]
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers)
+        return ort.InferenceSession(str(model_path), options, providers=with_options)
     except Exception as error:  # onnxruntime raises its own exception types for unreadable or invalid models
         raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({type(error).__name__}: {error})") from None
 
 
-def _default_providers() -> list[str]:
+def default_providers() -> list[str]:
     return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
 
 

@@ -18,10 +18,11 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from app.batching import plan_batches
-from app.bundle import Bundle, BundleError, InferenceSession
+from app.bundle import CUDA, Bundle, BundleError, InferenceSession, OrtValue
 from app.manifest import Calibration
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+LOGITS = "logits"
 DEFAULT_BATCH_SIZE = 32
 Truncation = Literal["head-tail", "head"]
 # head-tail keeps a quarter of the budget from the start of the note and the rest from its end: the best of
@@ -58,6 +59,7 @@ class NoteClassifier:
         self._source_tokenizer = tokenizer
         self._pad_id: int = tokenizer.padding["pad_id"]
         self._input_names = [graph_input.name for graph_input in session.get_inputs()]
+        self._cuda_device = cuda_device(session)
         unknown = set(self._input_names) - set(MODEL_INPUTS)
         if unknown:
             raise BundleError(f"the ONNX model takes inputs this service cannot feed: {sorted(unknown)}")
@@ -108,7 +110,11 @@ class NoteClassifier:
 
     def margins(self, token_ids: Sequence[np.ndarray]) -> np.ndarray:
         """logit[emergency] - logit[non-emergency] per note of one batch, before calibration."""
-        logits = np.asarray(self.session.run(["logits"], self.model_inputs(token_ids))[0], dtype=np.float32)
+        feed = self.model_inputs(token_ids)
+        if self._cuda_device is None:
+            logits = np.asarray(self.session.run([LOGITS], feed)[0], dtype=np.float32)
+        else:
+            logits = np.asarray(run_bound(self.session, feed, "cuda", self._cuda_device), dtype=np.float32)
         margin: np.ndarray = logits[:, 1] - logits[:, 0]
         return margin
 
@@ -133,6 +139,25 @@ class NoteClassifier:
         for positions in plan_batches([len(note.ids) for note in encoded], batch_size, max_batch_tokens=sys.maxsize):
             results[positions] = run([encoded[position].ids for position in positions])
         return results
+
+
+def cuda_device(session: InferenceSession) -> int | None:
+    """The GPU a session runs on, when CUDA is its first provider; None on the CPU."""
+    if session.get_providers()[0] != CUDA:
+        return None
+    return int(session.get_provider_options()[CUDA]["device_id"])
+
+
+def run_bound(session: InferenceSession, feed: dict[str, np.ndarray], device: str, device_id: int) -> np.ndarray:
+    """`session.run(["logits"], feed)` through an IOBinding, with the same numbers: the inputs are copied to `device`
+    (cuda on a GPU) before the run, the run leaves the logits there, and they are copied back once after it."""
+    binding = session.io_binding()
+    for name, array in feed.items():
+        binding.bind_ortvalue_input(name, OrtValue.ortvalue_from_numpy(array, device, device_id))
+    binding.bind_output(LOGITS, device, device_id)
+    session.run_with_iobinding(binding)
+    logits: np.ndarray = binding.copy_outputs_to_cpu()[0]
+    return logits
 
 
 def calibrated_probability(margins: np.ndarray, calibration: Calibration) -> np.ndarray:

@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
+from app import inference
 from app.bundle import load_bundle
-from app.inference import NoteClassifier, calibrated_probability
+from app.inference import NoteClassifier, calibrated_probability, cuda_device, run_bound
 from app.manifest import Calibration
 
 CPU = ["CPUExecutionProvider"]
@@ -102,3 +103,43 @@ def test_without_onnx_runtime_the_error_names_the_extra_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "app.bundle")
     with pytest.raises(ModuleNotFoundError, match=r"dsgkd-triage\[cpu\].*dsgkd-triage\[gpu\]"):
         importlib.import_module("app.bundle")
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8", "fp16"])
+def test_io_binding_gives_exactly_the_logits_of_a_plain_run(tiny_bundle_dir, classifier, variant):
+    session = load_bundle(tiny_bundle_dir, variant=variant, providers=CPU, intra_op_threads=1).session
+    feed = classifier.model_inputs([note.ids for note in classifier.encode(NOTES)])
+    bound = run_bound(session, feed, "cpu", 0)
+    assert bound.shape == (len(NOTES), 2)
+    np.testing.assert_array_equal(bound, session.run(["logits"], feed)[0])
+
+
+class SessionOnCuda:
+    """A CPU session that says it runs on CUDA device 2, as onnxruntime-gpu's sessions do."""
+
+    def __init__(self, session):
+        self._session = session
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def get_provider_options(self):
+        return {"CUDAExecutionProvider": {"device_id": "2"}, "CPUExecutionProvider": {}}
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def test_on_cuda_the_model_runs_through_io_binding_on_the_sessions_device(bundle, classifier, monkeypatch):
+    assert cuda_device(bundle.session) is None  # on the CPU: the plain session.run
+    bound_on = []
+
+    def bound_on_the_cpu(session, feed, device, device_id):
+        bound_on.append((device, device_id))
+        return run_bound(session, feed, "cpu", 0)
+
+    monkeypatch.setattr(inference, "run_bound", bound_on_the_cpu)
+    on_cuda = classifier.with_session(SessionOnCuda(bundle.session))
+    assert cuda_device(on_cuda.session) == 2
+    np.testing.assert_array_equal(on_cuda.predict_proba(NOTES), classifier.predict_proba(NOTES))
+    assert bound_on and set(bound_on) == {("cuda", 2)}
