@@ -10,9 +10,13 @@ from app.service import LogFields, Service, ServiceError
 
 
 def ready_service(request: Request) -> Service:
-    """The loaded service (a FastAPI dependency); 503 while the model loads or the service shuts down."""
+    """The loaded service (a FastAPI dependency); 503 while the model loads or the service shuts down, and for
+    good when a start-up check failed (`app.readiness`: the reason, without Retry-After)."""
     service: Service | None = request.app.state.service
     if service is None:
+        not_ready: str | None = request.app.state.not_ready
+        if not_ready is not None:
+            raise ServiceError(HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {not_ready}")
         raise ServiceError(
             HTTPStatus.SERVICE_UNAVAILABLE, "model not loaded (starting up or shutting down)", retry=True
         )

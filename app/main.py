@@ -18,18 +18,18 @@ from app import cds_hooks, fhir, tracing
 from app.audit import AuditTrail
 from app.auth import Authenticator, protected_routes
 from app.batching import DynamicBatcher
-from app.bundle import load_bundle
+from app.bundle import CPU, CUDA, load_bundle
 from app.dependencies import log_fields
 from app.inference import NoteClassifier, Truncation
 from app.metrics import Metrics
 from app.middleware import AccessLogMiddleware, BearerAuthMiddleware, RequestBodyMiddleware
+from app.readiness import readiness_fault
 from app.routes import router
 from app.service import Service, ServiceError
 from app.settings import Settings
+from app.warmup import warm_up, warm_up_shapes
 
 logger = logging.getLogger(__name__)
-
-WARM_UP_TEXT = "warm-up"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tracer_provider = tracer_provider
     app.state.metrics = Metrics()
     app.state.service = None
+    app.state.not_ready = None  # why the service will never be ready (app.readiness), once known
     app.state.authenticator = Authenticator(settings.api_keys, cds_hooks.ehr_tokens(settings))
     app.state.issued_cards = cds_hooks.IssuedCards()
     routers = (router, fhir.router, cds_hooks.router)
@@ -90,10 +91,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     started = time.perf_counter()
-    bundle = load_bundle(settings.bundle, settings.variant, settings.intra_op_threads)
+    providers = [CUDA, CPU] if settings.require_accelerator else None
+    bundle = load_bundle(settings.bundle, settings.variant, settings.intra_op_threads, providers, settings.device_id)
+    app.state.not_ready = readiness_fault(settings, bundle)
+    if app.state.not_ready is not None:
+        yield  # alive, never ready: /readyz and the model routes answer 503 with the reason
+        return
     cut: Truncation = "head" if settings.truncation == "head" else "head-tail"  # refused notes are never run
     classifier = NoteClassifier.from_bundle(bundle, settings.max_note_tokens, cut)
-    classifier.predict([note.ids for note in classifier.encode([WARM_UP_TEXT])])
+    shapes = warm_up_shapes(settings.max_batch_size, settings.max_batch_tokens, classifier.max_note_tokens)
+    warm_up(classifier, shapes, settings.warm_up_s)
     # The audit trail is closed last, after the batcher has finished queued notes (whose requests write records).
     async with (
         AuditTrail(settings, metrics) as app.state.audit,

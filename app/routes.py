@@ -126,8 +126,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="Readiness: the model is loaded and warmed up",
-    responses={503: _error("Model not loaded yet, or shutting down.")},
+    summary="Readiness: the model is loaded, checked and warmed up",
+    responses={
+        503: _error(
+            "Model not loaded yet, or shutting down; or, for good, a start-up check failed (the detail says which: "
+            "require_accelerator without CUDA in use, or the variant's answers on the probe notes)."
+        )
+    },
 )
 async def readyz(request: Request) -> dict[str, str]:
     ready_service(request)

@@ -93,6 +93,24 @@ class Settings(BaseSettings):
     intra_op_threads: int | None = Field(
         None, gt=0, description="ONNX Runtime intra-op threads (default: ONNX Runtime's choice)."
     )
+    require_accelerator: bool = Field(
+        False,
+        description="Serve on the GPU or not at all: ask for ONNX Runtime's CUDA provider whatever the variant, and "
+        "stay not ready (/readyz 503, saying why) when the model runs without it: the `cpu` extra installed, a CUDA "
+        "or cuDNN library that fails to load, no GPU visible. Off: such a service runs on the CPU, with a warning.",
+    )
+    device_id: int = Field(
+        0,
+        ge=0,
+        description="The GPU the CUDA provider runs on, as numbered inside the process (in a container given one "
+        "GPU, 0). Run one service per GPU.",
+    )
+    warm_up_s: float = Field(
+        30.0,
+        ge=0,
+        description="Most seconds spent at start running the batch shapes the batcher will form (largest first), "
+        "so that first requests do not pay for memory and kernels; shapes left when it is spent run on first use.",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         repr=False,
