@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from app.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 BUNDLE = "/models/default"
@@ -144,6 +146,23 @@ def test_gpu_profile_serves_the_same_way_on_its_own_port(render):
     assert (port["host_ip"], port["published"]) == ("127.0.0.1", "8101")
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    gpu_only = {"TRIAGE_DEVICE_ID", "TRIAGE_REQUIRE_ACCELERATOR"}
+    assert {k: v for k, v in gpu["environment"].items() if k not in gpu_only} == api["environment"]
+
+
+def test_each_gpu_replica_gets_one_gpu_of_its_own_and_refuses_to_serve_on_the_cpu(render):
+    """One compose project per GPU (`API_GPU_DEVICE`, `API_GPU_PORT`, `-p`): ONNX Runtime runs on one device."""
+    first = render("gpu")["services"]["api-gpu"]
+    second = render("gpu", env={"API_GPU_DEVICE": "1", "API_GPU_PORT": "8002"})["services"]["api-gpu"]
+    for service, device_id, port in ((first, "0", "8001"), (second, "1", "8002")):
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["device_ids"] == [device_id] and "count" not in device  # not every GPU
+        assert service["ports"][0]["published"] == port
+        environment = service["environment"]
+        assert environment["TRIAGE_DEVICE_ID"] == "0"  # the one GPU the container sees
+        assert environment["TRIAGE_REQUIRE_ACCELERATOR"] == "true"  # /readyz 503 rather than quietly on the CPU
+        settings = {name.removeprefix("TRIAGE_").lower() for name in environment}
+        assert settings <= set(Settings.model_fields)  # every variable is a setting the service reads
 
 
 def test_the_model_service_skips_at_once_when_a_bundle_is_there(tmp_path):
