@@ -85,7 +85,7 @@ class AccessLogMiddleware:
             status = 500
         status = status or state.get(SERVER_STATUS, CLIENT_CLOSED_REQUEST)
         seconds = time.perf_counter() - started
-        route = scope["path"] if scope["path"] in self.route_paths else "other"
+        route = self._route(scope)
         self.metrics.observe_request(route, status, seconds)
         span = trace.get_current_span().get_span_context()  # FastAPI's server span, around this middleware
         trace_fields = {"trace_id": trace.format_trace_id(span.trace_id)} if span.is_valid else {}
@@ -103,6 +103,13 @@ class AccessLogMiddleware:
                 }
             },
         )
+
+    def _route(self, scope: Scope) -> str:
+        """The request's metric label: the path of the route it reached (`/v2/models/{model_name}/infer`), or
+        "other" for a URL no route serves."""
+        reached = scope.get("route")  # set by the router
+        path = reached.path if isinstance(reached, APIRoute) else scope["path"]
+        return path if path in self.route_paths else "other"
 
     @staticmethod
     def _request_id(scope: Scope) -> str:
@@ -205,7 +212,8 @@ class RequestBodyMiddleware:
                 for name, value in scope["headers"]
                 if name not in (b"content-encoding", b"content-length")
             ]
-            scope = {**scope, "headers": [*kept, (b"content-length", str(len(body)).encode())]}
+            # In place: the access log reads from this scope which route the request reached.
+            scope["headers"] = [*kept, (b"content-length", str(len(body)).encode())]
         await self.app(scope, _replay(body, receive), send)
 
     async def _checked_body(self, scope: Scope, receive: Receive) -> bytes | None:
