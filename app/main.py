@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.middleware.cors import CORSMiddleware
 
-from app import cds_hooks, fhir, tracing
+from app import cds_hooks, fhir, open_inference, tracing
 from app.audit import AuditTrail
 from app.auth import Authenticator, protected_routes
 from app.batching import DynamicBatcher
@@ -47,7 +47,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.not_ready = None  # why the service will never be ready (app.readiness), once known
     app.state.authenticator = Authenticator(settings.api_keys, cds_hooks.ehr_tokens(settings))
     app.state.issued_cards = cds_hooks.IssuedCards()
-    routers = (router, fhir.router, cds_hooks.router)
+    routers = (router, fhir.router, cds_hooks.router, open_inference.router)
     for included in routers:
         app.include_router(included)
     routes = [route for included in routers for route in included.routes if isinstance(route, APIRoute)]
@@ -58,14 +58,18 @@ def create_app(settings: Settings) -> FastAPI:
         RequestBodyMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
-        json_routes=[route for route in routes if "POST" in (route.methods or ())],
-        error_response=fhir.body_error,
+        # tritonclient sends no Content-Type: the v2 routes parse any body as JSON, and answer 400 when it is not.
+        json_routes=[
+            route for route in routes if "POST" in (route.methods or ()) and route not in open_inference.router.routes
+        ],
+        error_response=_body_error,
     )
+    app.add_middleware(open_inference.BinaryTensorRefusal)
     app.add_middleware(
         BearerAuthMiddleware,
         authenticator=app.state.authenticator,
         routes=protected_routes(routes),
-        error_response=fhir.body_error,
+        error_response=_body_error,
     )
     if settings.cors_origins:
         # Around the token check: a browser's preflight (OPTIONS, without Authorization) is answered here, and a
@@ -135,6 +139,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         finally:
             app.state.service = None  # readyz answers 503 while queued work drains
             logger.info("shutting down: finishing queued notes", extra={"fields": {"queued": batcher.queue_depth}})
+
+
+def _body_error(path: str, status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """The errors answered before routing, in the protocol of the path asked."""
+    if open_inference.speaks_oip(path):
+        return open_inference.error_response(status, message, headers)
+    return fhir.body_error(path, status, message, headers)
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
