@@ -225,9 +225,10 @@ def test_the_service_writes_only_to_empty_dirs_and_reads_the_bundle_read_only(ku
 
 
 @functools.cache
-def _app_get_paths() -> frozenset[str]:
+def _app_paths(method: str) -> frozenset[str]:
+    """The paths the service answers `method` on, as its OpenAPI document lists them."""
     app = create_app(Settings(bundle=Path("unused")))  # the bundle is read only when the app starts
-    return frozenset(path for path, operations in app.openapi()["paths"].items() if "get" in operations)
+    return frozenset(path for path, operations in app.openapi()["paths"].items() if method in operations)
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -239,7 +240,7 @@ def test_the_service_is_probed_on_its_liveness_and_readiness_routes(kustomizatio
         expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
         for probe, path in expected.items():
             check = container[probe]["httpGet"]
-            assert check["path"] == path and path in _app_get_paths()
+            assert check["path"] == path and path in _app_paths("get")
             assert ports.get(check["port"], check["port"]) == container_port
         assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] >= 180
 
@@ -261,6 +262,7 @@ def test_the_service_settings_are_ones_it_accepts(kustomization, monkeypatch):
         assert settings.intra_op_threads == int(float(container["resources"]["limits"]["cpu"]))
         variant = {"kubernetes/base": "auto"}.get(kustomization, "fp16" if _is_gpu(kustomization) else "int8")
         assert settings.variant == variant
+        assert settings.require_accelerator is _is_gpu(kustomization)
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -326,7 +328,7 @@ def test_service_autoscaler_budget_and_monitor_reach_the_deployment(kustomizatio
     monitor = _one(kustomization, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics" and "/metrics" in _app_get_paths()
+    assert endpoint["port"] == port["name"] and endpoint["path"] == "/metrics" and "/metrics" in _app_paths("get")
     # The monitor's token is read from the Secret that holds the service's api keys.
     credentials = endpoint["authorization"]["credentials"]
     assert credentials["name"] == _env(container)["TRIAGE_API_KEYS"]["secretKeyRef"]["name"]
@@ -361,3 +363,5 @@ def test_the_inference_service_serves_the_bundle_volume_with_the_runtime_over_th
     env = _env(container)
     # KServe mounts the storageUri at /mnt/models and routes /v2/models/<InferenceService name>/... to the runtime.
     assert env["TRIAGE_BUNDLE"] == "/mnt/models" and env["TRIAGE_MODEL_NAME"] == "{{.Name}}"
+    assert {"/v2/health/live", "/v2/health/ready", "/v2/models/{model_name}/ready"} <= _app_paths("get")
+    assert "/v2/models/{model_name}/infer" in _app_paths("post")
