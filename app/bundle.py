@@ -10,6 +10,7 @@ needs torch, transformers or the `training` package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -147,11 +148,21 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
+    if CUDA in providers and CUDA in ort.get_available_providers():
+        _preload_cuda_libraries()
     with_options = [(name, {"device_id": device_id}) if name == CUDA else name for name in providers]
     try:
         return ort.InferenceSession(str(model_path), options, providers=with_options)
     except Exception as error:  # onnxruntime raises its own exception types for unreadable or invalid models
         raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({type(error).__name__}: {error})") from None
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels that the `gpu` extra installs (onnxruntime-gpu
+    1.21+; found in site-packages, else on the loader's path): outside the container image, which registers them
+    with ldconfig, they are on no path the loader searches, and the CUDA provider would fail to start."""
+    ort.preload_dlls(directory="")
 
 
 def default_providers() -> list[str]:

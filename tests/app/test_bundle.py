@@ -116,3 +116,25 @@ def test_auto_variant_follows_the_provider_actually_in_use(tiny_bundle_dir, monk
     bundle = load_bundle(tiny_bundle_dir)
     assert bundle.providers == ["CPUExecutionProvider"]
     assert bundle.variant == "int8"
+
+
+def test_the_gpu_builds_cuda_libraries_are_loaded_once_before_the_first_cuda_session(tiny_bundle_dir, monkeypatch):
+    """onnxruntime-gpu's CUDA and cuDNN come as nvidia-* wheels, on no path the loader searches: without
+    `preload_dlls` its CUDA provider fails to start and the model runs on the CPU."""
+    import onnxruntime
+
+    from app import bundle as bundle_module
+
+    preloaded = []
+    monkeypatch.setattr(onnxruntime, "preload_dlls", lambda **options: preloaded.append(options))
+    bundle_module._preload_cuda_libraries.cache_clear()
+    load_bundle(tiny_bundle_dir, "fp32", providers=["CUDAExecutionProvider", *CPU])
+    assert preloaded == []  # this ONNX Runtime build has no CUDA provider
+    cpu_only = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", *cpu_only])
+    load_bundle(tiny_bundle_dir, "fp32", providers=CPU)
+    assert preloaded == []  # CUDA not asked for
+    for _ in range(2):
+        load_bundle(tiny_bundle_dir, "fp32", providers=["CUDAExecutionProvider", *CPU])
+    assert preloaded == [{"directory": ""}]
+    bundle_module._preload_cuda_libraries.cache_clear()
