@@ -6,7 +6,8 @@ Run from the repository root:
         [--variant int8] [--servers service-int8 service-fp32 ...] [--checkpoint runs/NAME/checkpoints/best-auroc]
 
 Servers (subprocesses started here, warmed up, measured, then stopped; all pinned to --threads), with
-V the ONNX variant given by --variant (int8 by default; fp32 for a bundle without int8):
+V the ONNX variant given by --variant (int8 by default; fp32 for a bundle without int8; fp16 on a GPU host, where
+every ONNX server runs on CUDA — benchmarks/gpu_check.sh):
   service-V, service-fp32   this service (`python -m app serve`), default settings (dynamic batching)
   service-V-batch1          this service with --max-batch-size 1: same code path, no batching
   onnx-threadpool-V         minimal FastAPI endpoint, one session.run per request (benchmarks/peers)
@@ -334,8 +335,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--variant",
         default="int8",
-        choices=["int8", "fp32"],
-        help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8).",
+        choices=["int8", "fp32", "fp16"],
+        help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8; fp16 on a GPU host).",
     )
     parser.add_argument("--servers", nargs="+", help="Servers to measure (default: all, see above).")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))

@@ -44,7 +44,7 @@ class BundleAPI(litserve.LitAPI):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="Model bundle directory.")
-    parser.add_argument("--variant", default="int8", choices=["fp32", "int8"], help="ONNX variant.")
+    parser.add_argument("--variant", default="int8", choices=["fp32", "int8", "fp16"], help="ONNX variant.")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads.")
     parser.add_argument("--max-batch-size", type=int, default=32, help="LitServe max_batch_size.")
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="LitServe batch_timeout, seconds.")

@@ -41,7 +41,7 @@ def create_app(bundle_dir: str, variant: str, threads: int) -> FastAPI:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True, help="Model bundle directory.")
-    parser.add_argument("--variant", default="int8", choices=["fp32", "int8"], help="ONNX variant.")
+    parser.add_argument("--variant", default="int8", choices=["fp32", "int8", "fp16"], help="ONNX variant.")
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads.")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
