@@ -99,6 +99,7 @@ class Probes(Strict):
 
     notes: list[str] = Field(min_length=1)
     fp32_margins: list[float]
+    batch_size: int = Field(1, gt=0, description="Most notes per model run when they were scored; scored so again.")
 
     @model_validator(mode="after")
     def _one_margin_per_note(self) -> Probes:

@@ -47,7 +47,7 @@ def probe_fault(bundle: Bundle) -> str | None:
     tolerance = manifest.variants[variant].probe_atol
     assert tolerance is not None, "the manifest's validator requires probe_atol of every kept variant"
     expected = calibrated_probability(np.asarray(manifest.probes.fp32_margins), manifest.calibration)
-    scored = NoteClassifier.from_bundle(bundle).predict_proba(manifest.probes.notes)
+    scored = NoteClassifier.from_bundle(bundle).predict_proba(manifest.probes.notes, manifest.probes.batch_size)
     difference = np.nan_to_num(np.abs(scored - expected), nan=np.inf)
     worst = int(np.argmax(difference))
     fields = {"variant": variant, "provider": bundle.providers[0], "max_abs_diff": float(difference[worst])}

@@ -106,10 +106,11 @@ class Settings(BaseSettings):
         "GPU, 0). Run one service per GPU.",
     )
     warm_up_s: float = Field(
-        30.0,
+        10.0,
         ge=0,
         description="Most seconds spent at start running the batch shapes the batcher will form (largest first), "
-        "so that first requests do not pay for memory and kernels; shapes left when it is spent run on first use.",
+        "so that first requests do not pay for memory and kernels; shapes left when it is spent run on first use "
+        "(on a CPU a large batch takes seconds).",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -50,7 +50,7 @@ from training.model_card import write_model_card
 from training.modeling import load_student, position_limit
 from training.modeling import load_tokenizer as load_hf_tokenizer
 from training.onnx_variants import ExportError, convert_fp16, export_fp32, quantize_int8
-from training.probe_notes import PROBE_NOTES
+from training.probe_notes import PROBE_BATCH_SIZE, PROBE_NOTES
 from training.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,11 @@ def _build(
     export_method = export_fp32(source.checkpoint, fp32_file)
     fp32_classifier = NoteClassifier(create_session(fp32_file, [CPU]), tokenizer, limit, source.calibration)
     torch_probs = calibrated_probability(torch_margins(model, fp32_classifier, held_out), source.calibration)
-    probes = Probes(notes=list(PROBE_NOTES), fp32_margins=fp32_classifier.predict_margins(PROBE_NOTES).tolist())
+    probes = Probes(
+        notes=list(PROBE_NOTES),
+        fp32_margins=fp32_classifier.predict_margins(PROBE_NOTES, PROBE_BATCH_SIZE).tolist(),
+        batch_size=PROBE_BATCH_SIZE,
+    )
     reference = Reference(
         held_out,
         torch_probs,
@@ -292,7 +296,7 @@ def _measure(
     threshold = reference.threshold
     label_agreement = float(np.mean((probs >= threshold) == (reference.torch_probs >= threshold)))
     max_abs_diff = float(np.abs(probs - reference.torch_probs).max())
-    probe_diff = float(np.abs(classifier.predict_proba(PROBE_NOTES) - reference.probe_probs).max())
+    probe_diff = float(np.abs(classifier.predict_proba(PROBE_NOTES, PROBE_BATCH_SIZE) - reference.probe_probs).max())
     variant = Variant(
         **figures,
         kept=not faults,

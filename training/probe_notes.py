@@ -9,6 +9,8 @@ to the model's input size, so that its head-and-tail truncation and the longest 
 from __future__ import annotations
 
 LONG_NOTE_REPEATS = 15
+# One at a time: the long note would pad a batch of all of them to the model's limit, a start-up cost to no purpose.
+PROBE_BATCH_SIZE = 1
 
 PROBE_NOTES = (
     "CC: chest pain radiating to the left arm for 30 minutes, sweating. BT 36.8, HR 118, BP 92/60, RR 24, SpO2 91%.",

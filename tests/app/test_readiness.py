@@ -151,11 +151,11 @@ async def test_a_recalibrated_bundle_keeps_its_probe_reference(serve, settings, 
         assert (await client.get("/readyz")).json() == {"status": "ready"}
     bundle = load_bundle(bundle_copy, "fp32", providers=[CPU])
     probes = bundle.manifest.probes
-    scored = NoteClassifier.from_bundle(bundle).predict_proba(probes.notes)
+    scored = NoteClassifier.from_bundle(bundle).predict_proba(probes.notes, probes.batch_size)
     expected = calibrated_probability(np.asarray(probes.fp32_margins), bundle.manifest.calibration)
     assert np.abs(scored - expected).max() <= 1e-6
     original = load_bundle(tiny_bundle_dir, "fp32", providers=[CPU])
-    assert np.abs(NoteClassifier.from_bundle(original).predict_proba(probes.notes) - scored).max() > 0.01
+    assert np.abs(NoteClassifier.from_bundle(original).predict_proba(probes.notes, 1) - scored).max() > 0.01
 
 
 async def test_a_bundle_exported_before_probes_still_serves_and_says_it_is_unchecked(
