@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from typer.testing import CliRunner
 
+from tests.training.test_resume import Stopped, stop_during_step
 from training.cli import app
 from training.config import ConfigError, DataArguments, DistillArguments, EvalArguments, ModelArguments
 from training.config import TrainingArguments as Training
@@ -152,6 +153,26 @@ def test_tensorboard_event_files_hold_the_options_each_epoch_and_the_report(tmp_
     }
     assert "## Calibration" in texts["eval/report/text_summary"]
     assert json.loads((bundle / "manifest.json").read_text())["name"] in texts["bundle/text_summary"]
+
+
+def test_a_resumed_run_goes_on_logging_to_its_mlflow_run(tmp_path, monkeypatch, notes_csv, tiny_bert_dir, store):
+    out = tmp_path / "resumed"
+    training = {"out": str(out), "epochs": 2, "encoder_lr": 2e-3, "head_lr": 5e-3, "seed": 1, "threads": 1}
+    training |= {"report_to": "mlflow", "tracking_uri": store, "experiment_name": "resumed"}
+    options = (DataArguments(data=str(notes_csv)), ModelArguments(student=str(tiny_bert_dir), max_length=64))
+    with monkeypatch.context() as patch:
+        stop_during_step(patch, 12)  # 9 steps an epoch: during epoch 2
+        with pytest.raises(Stopped):
+            fit(*options, Training(**training), DistillArguments(), EvalArguments(bootstrap=10))
+    run = RunDirectory(out)
+    client, run_id = mlflow.MlflowClient(store), mlflow_run_id(run)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    fit(*options, Training(**training, resume=True), DistillArguments(), EvalArguments(bootstrap=10))
+    assert mlflow_run_id(run) == run_id and client.get_run(run_id).info.status == "FINISHED"
+    logged = [(m.step, m.value) for m in client.get_metric_history(run_id, "valid/auroc")]
+    assert logged == [(h["epoch"], pytest.approx(h["valid"]["auroc"])) for h in history(run)]  # each epoch once
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
 def test_report_to_none_forgets_an_earlier_tracker_of_the_directory(mlflow_run, tmp_path):
