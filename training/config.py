@@ -43,6 +43,7 @@ __all__ = [
     "LayerMap",
     "Method",
     "ModelArguments",
+    "Precision",
     "PretrainArguments",
     "RenderStyle",
     "ReportTo",
@@ -66,6 +67,7 @@ HiddenLoss = Literal["mse", "cosine", "relation"]
 AttentionLoss = Literal["mse", "kl"]
 AttentionHeads = Literal["mean", "by-index"]
 ReportTo = Literal["none", "tensorboard", "mlflow"]  # experiment trackers (training/tracking.py)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # of training steps (training/precision.py)
 LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counted from 1
 
 METHODS: tuple[Method, ...] = get_args(Method)
@@ -295,8 +297,14 @@ class TrainingArguments:
         metadata={"help": "Validation metric for early stopping and the checkpoint evaluated on test."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for weights, batches and dropout."})
-    device: str = field(
-        default="auto", metadata={"help": "auto, cpu, mps or cuda[:N]. Mixed precision is used on CUDA."}
+    device: str = field(default="auto", metadata={"help": "auto, cpu, mps or cuda[:N]."})
+    precision: Precision = field(
+        default="auto",
+        metadata={
+            "help": "Precision of the training steps: fp32, or autocast to bf16 or fp16 (fp16 with a loss scaler); "
+            "auto: bf16 on a CUDA GPU that has it, else fp16 there, fp32 elsewhere. The distillation losses and "
+            "validation are computed in fp32 whatever this says."
+        },
     )
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
     freeze_embeddings: bool = field(

@@ -1,5 +1,6 @@
 """The training loop shared by every method: AdamW with two learning rates, warmup, clipping,
-gradient accumulation, mixed precision on CUDA, early stopping and best-by-metric checkpoints."""
+gradient accumulation, mixed precision (--precision), early stopping, best-by-metric checkpoints and a resumable
+state (--resume)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from itertools import islice
 from pathlib import Path
@@ -32,6 +32,7 @@ from training.data.loading import load_parts
 from training.evaluate import compute_metrics
 from training.modeling import load_student, load_tokenizer, parameter_groups, to_device
 from training.objectives import CrossEntropyObjective, TrainingStep
+from training.precision import mixed_precision
 from training.predict import predict_proba
 from training.resume import Progress, restore, save_state, start_or_resume
 from training.run_dir import RunDirectory
@@ -96,7 +97,7 @@ def fit(
     if train_args.max_steps:
         total_steps = min(total_steps, train_args.max_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(train_args.warmup_ratio * total_steps), total_steps)
-    autocast, scaler = _mixed_precision(device)
+    dtype, autocast, scaler = mixed_precision(train_args.precision, device)
 
     keeper = CheckpointKeeper(run)
     prevalence = float(parts["train"].labels.mean())
@@ -176,7 +177,13 @@ def fit(
     train_seconds = time.perf_counter() - start
     run.summary_file.write_text(
         json.dumps(
-            {"steps": progress.step, "epochs": epoch, "train_seconds": round(train_seconds, 1), "device": str(device)},
+            {
+                "steps": progress.step,
+                "epochs": epoch,
+                "train_seconds": round(train_seconds, 1),
+                "device": str(device),
+                "precision": str(dtype).removeprefix("torch."),
+            },
             indent=2,
         )
     )
@@ -209,10 +216,3 @@ def _validate(model, tokenizer, valid, prevalence, train_args, model_args, devic
     metrics = compute_metrics(valid.labels, probs, prevalence)
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid.labels)).item()
     return {"auroc": metrics["auroc"], "brier": metrics["brier"], "f1": metrics["f1"], "loss": loss}
-
-
-def _mixed_precision(device: torch.device):
-    if device.type != "cuda":
-        return nullcontext, torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return (lambda: torch.autocast("cuda", dtype=dtype)), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)

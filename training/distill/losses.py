@@ -22,6 +22,11 @@ Layers are numbered from 1 (the output of encoder layer 1) to the depth of the m
 (`hidden_states[0]`) never take part: they are lexical, tied to each model's own vocabulary, and
 have no attention map.
 
+Everything is computed in fp32, whatever precision the models ran in (`fit --precision`): autocast is
+turned off and the inputs cast to float32 (`_fp32`), because the losses are small differences of
+normalised quantities (attention rows renormalised over a few words, KL terms) that bf16's 8-bit
+mantissa would round away.
+
 Everything is batched matrix products with one-hot word-membership matrices; the only Python
 loops run over mapped layers. (Gathering only the tokens inside words, or `scatter_add` into
 per-word buckets, measured no faster on CPU: the dense attention gradient dominates.)
@@ -107,15 +112,16 @@ def logit_distill_loss(
         raise ValueError(
             f"logit shapes differ: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}"
         )
-    return (
-        F.kl_div(
-            F.log_softmax(student_logits / temperature, dim=-1),
-            F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
-            log_target=True,
-            reduction="batchmean",
+    with _fp32(student_logits.device):
+        return (
+            F.kl_div(
+                F.log_softmax(student_logits.float() / temperature, dim=-1),
+                F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            * temperature**2
         )
-        * temperature**2
-    )
 
 
 class MultiLevelDistillLoss(nn.Module):
@@ -163,17 +169,23 @@ class MultiLevelDistillLoss(nn.Module):
         """Pools a live teacher's outputs (called with output_hidden_states and output_attentions) onto the words."""
         hidden_states, attentions = _hidden_and_attentions(teacher_outputs, self.teacher_depth, "teacher")
         teacher_layers = [t for _, t in self.layer_map]
-        hidden = torch.stack([pool_words(hidden_states[t], teacher_word_index, num_words) for t in teacher_layers])
-        attention = torch.stack(
-            [word_attention(self._heads(attentions[t - 1]), teacher_word_index, num_words) for t in teacher_layers]
-        )
-        # An aligned word has tokens in both models, so the teacher's own tokens say which slots hold words.
-        words = _membership(teacher_word_index, num_words, torch.bool).any(dim=1)  # [B, W]
-        return TeacherWordFeatures(
-            hidden=_word_relations(hidden.float()) if self.relation else hidden.float(),
-            attention=_renormalise(attention.float(), words[:, None, None, :]),
-            relation=self.relation,
-        )
+        with _fp32(teacher_word_index.device):
+            hidden = torch.stack(
+                [pool_words(hidden_states[t].float(), teacher_word_index, num_words) for t in teacher_layers]
+            )
+            attention = torch.stack(
+                [
+                    word_attention(self._heads(attentions[t - 1].float()), teacher_word_index, num_words)
+                    for t in teacher_layers
+                ]
+            )
+            # An aligned word has tokens in both models, so the teacher's own tokens say which slots hold words.
+            words = _membership(teacher_word_index, num_words, torch.bool).any(dim=1)  # [B, W]
+            return TeacherWordFeatures(
+                hidden=_word_relations(hidden) if self.relation else hidden,
+                attention=_renormalise(attention, words[:, None, None, :]),
+                relation=self.relation,
+            )
 
     def forward(
         self,
@@ -186,36 +198,37 @@ class MultiLevelDistillLoss(nn.Module):
     ) -> DistillLossOutput:
         """Loss of one batch; `student_*` come from the student called with output_hidden_states/attentions."""
         self._check_inputs(student_hidden_states, student_attentions, student_word_index, word_mask, teacher)
-        num_words = word_mask.shape[1]
-        student_layers = [s for s, _ in self.layer_map]
+        with _fp32(word_mask.device):
+            num_words = word_mask.shape[1]
+            student_layers = [s for s, _ in self.layer_map]
 
-        # Pooled one layer at a time: stacking the full layers first would copy them all.
-        student_hidden = torch.stack(
-            [pool_words(student_hidden_states[s], student_word_index, num_words) for s in student_layers]
-        )
-        student_attention = torch.stack(
-            [
-                word_attention(self._heads(student_attentions[s - 1]), student_word_index, num_words)
-                for s in student_layers
-            ]
-        )
-        keys = word_mask[:, None, None, :]  # [B, 1, 1, W]: the note's words, broadcast over layers, heads and rows
-        hidden_per_word = self._hidden_loss(student_hidden.float(), teacher.hidden.detach(), word_mask)
-        attention_per_word = self._attention_loss(
-            _renormalise(student_attention.float(), keys), teacher.attention.detach(), keys
-        )
+            # Pooled one layer at a time (each cast to fp32 alone): stacking the full layers first would copy them all.
+            student_hidden = torch.stack(
+                [pool_words(student_hidden_states[s].float(), student_word_index, num_words) for s in student_layers]
+            )
+            student_attention = torch.stack(
+                [
+                    word_attention(self._heads(student_attentions[s - 1].float()), student_word_index, num_words)
+                    for s in student_layers
+                ]
+            )
+            keys = word_mask[:, None, None, :]  # [B, 1, 1, W]: the note's words, broadcast over layers, heads and rows
+            hidden_per_word = self._hidden_loss(student_hidden, teacher.hidden.detach().float(), word_mask)
+            attention_per_word = self._attention_loss(
+                _renormalise(student_attention, keys), teacher.attention.detach().float(), keys
+            )
 
-        aligned = int(word_mask.sum())
-        denominator = torch.as_tensor(aligned if normalizer is None else normalizer, dtype=torch.float32)
-        denominator = denominator.to(hidden_per_word.device).clamp(min=1)
-        hidden = torch.where(word_mask, hidden_per_word, 0).sum() / denominator
-        attention = torch.where(word_mask, attention_per_word, 0).sum() / denominator
-        return DistillLossOutput(
-            total=self.options.alpha * hidden + self.options.beta * attention,
-            hidden=hidden.detach(),
-            attention=attention.detach(),
-            num_words=aligned,
-        )
+            aligned = int(word_mask.sum())
+            denominator = torch.as_tensor(aligned if normalizer is None else normalizer, dtype=torch.float32)
+            denominator = denominator.to(hidden_per_word.device).clamp(min=1)
+            hidden = torch.where(word_mask, hidden_per_word, 0).sum() / denominator
+            attention = torch.where(word_mask, attention_per_word, 0).sum() / denominator
+            return DistillLossOutput(
+                total=self.options.alpha * hidden + self.options.beta * attention,
+                hidden=hidden.detach(),
+                attention=attention.detach(),
+                num_words=aligned,
+            )
 
     def _heads(self, attention: torch.Tensor) -> torch.Tensor:
         return attention.mean(dim=-3, keepdim=True) if self.average_heads else attention
@@ -285,6 +298,11 @@ class MultiLevelDistillLoss(nn.Module):
                 f"teacher word attention {tuple(teacher.attention.shape)} is not "
                 f"[{layers} mapped layers, {batch} notes, {self.compared_heads} heads, {words} words, {words} words]"
             )
+
+
+def _fp32(device: torch.device) -> torch.autocast:
+    """Autocast off on `device`: what runs inside computes in the dtype of its inputs, cast to float32."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _membership(word_index: torch.Tensor, num_words: int, dtype: torch.dtype) -> torch.Tensor:

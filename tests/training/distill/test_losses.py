@@ -371,6 +371,33 @@ def test_logit_distillation():
     assert logit_distill_loss(teacher, teacher, temperature=3.0).item() == pytest.approx(0, abs=1e-7)
 
 
+@pytest.mark.parametrize("hidden_loss", HIDDEN_LOSSES)
+def test_losses_are_computed_in_fp32_under_bf16_autocast(hidden_loss):
+    """`fit --precision bf16` runs the models under autocast: the losses must still be computed in fp32 from
+    the bf16 outputs. Equal to the bit to the same computation on those outputs cast to fp32 outside autocast;
+    computed in bf16, the word pooling and renormalisation would round differently."""
+    case = make_case("deeper-narrower-student", hidden_loss, "kl", [3, 5, 2])
+    as_bf16 = [[tensor.detach().bfloat16() for tensor in outputs] for outputs in (*case.student, *case.teacher)]
+    as_fp32 = [[tensor.float() for tensor in outputs] for outputs in as_bf16]
+
+    def losses(student_hidden, student_attentions, teacher_hidden, teacher_attentions):
+        teacher_outputs = SimpleNamespace(hidden_states=teacher_hidden, attentions=teacher_attentions)
+        features = case.loss.teacher_word_features(teacher_outputs, case.teacher_index, case.num_words)
+        out = case.loss(student_hidden, student_attentions, case.student_index, case.word_mask, features)
+        logits = logit_distill_loss(student_hidden[-1][:, 0, :2], teacher_hidden[-1][:, 0, :2], temperature=2.0)
+        return [features.hidden, features.attention, out.total, out.hidden, out.attention, logits]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = losses(*as_bf16)
+    reference = losses(*as_fp32)
+    for computed, expected in zip(under_autocast, reference, strict=True):
+        assert computed.dtype == torch.float32
+        assert torch.equal(computed, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the loss would be if autocast reached it
+        rounded = pool_words(as_bf16[0][1], case.student_index, case.num_words)
+    assert rounded.dtype == torch.bfloat16
+
+
 def test_real_tiny_models_train_the_student_only(tiny_bert_dir, tiny_teacher_dir, notes):
     texts = [text for text, _ in notes[:4]]
     student_tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
