@@ -65,18 +65,17 @@ class NoTracker:
 class MlflowTracker:
     """One MLflow run per training run, driven through `MlflowClient` (no global active run)."""
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        mlflow = _import("mlflow", "mlflow")
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self.client = mlflow.MlflowClient(tracking_uri)
+    def __init__(self, client: Any, tracking_uri: str, run_id: str) -> None:
+        self.client, self.tracking_uri, self.run_id = client, tracking_uri, run_id
 
     @classmethod
     def start(cls, tracking_uri: str, experiment_name: str, run: RunDirectory) -> MlflowTracker:
-        client = _import("mlflow", "mlflow").MlflowClient(tracking_uri)
+        mlflow = _import("mlflow", "mlflow")
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
 
         try:
+            client = mlflow.MlflowClient(tracking_uri)
             experiment = client.get_experiment_by_name(experiment_name)
             experiment_id = (
                 experiment.experiment_id
@@ -88,7 +87,7 @@ class MlflowTracker:
             )
         except MlflowException as err:
             raise ConfigError(f"--tracking-uri {tracking_uri}: {err.message}") from None
-        tracker = cls(tracking_uri, created.info.run_id)
+        tracker = cls(client, tracking_uri, created.info.run_id)
         params = [Param(key, _param_value(value)) for key, value in _leaves(run.read_config(), ".")]
         for first in range(0, len(params), MLFLOW_BATCH):
             tracker.client.log_batch(tracker.run_id, params=params[first : first + MLFLOW_BATCH])
@@ -189,17 +188,19 @@ def open_tracking(run: RunDirectory) -> Tracker:
     record = json.loads(run.tracking_file.read_text())
     if record["report_to"] == "tensorboard":
         return TensorBoardTracker(run.root / record["log_dir"])
-    tracker = MlflowTracker(record["tracking_uri"], record["run_id"])
+    mlflow = _import("mlflow", "mlflow")
     from mlflow.exceptions import MlflowException
 
+    uri, run_id = record["tracking_uri"], record["run_id"]
     try:
-        tracker.client.get_run(tracker.run_id)
+        client = mlflow.MlflowClient(uri)
+        client.get_run(run_id)
     except MlflowException as err:
         raise ConfigError(
-            f"{run.tracking_file}: the run was tracked as MLflow run {tracker.run_id} in {tracker.tracking_uri}, "
-            f"which cannot be reached ({err.message}); delete {run.tracking_file.name} to go on without tracking"
+            f"{run.tracking_file}: the run was tracked as MLflow run {run_id} in {uri}, which cannot be reached "
+            f"({err.message}); delete {run.tracking_file.name} to go on without tracking"
         ) from None
-    return tracker
+    return MlflowTracker(client, uri, run_id)
 
 
 def mlflow_tracking_uri(given: str | None) -> str:
