@@ -2,9 +2,9 @@
 and tail by default), pad a batch to its longest note, run the ONNX session, calibrate.
 
 The service tokenizes a note once, when its request arrives (`encode`), and its batcher runs batches of
-tokenized notes (`predict`). Everything else that scores notes — the export's parity, AUROC and batch-shift
-checks, recalibration, the benchmarks and the tests — calls `predict_proba`, which batches through the same two
-methods.
+tokenized notes (`predict`). Batch scoring (`python -m app score`) tokenizes a chunk of notes and runs
+them with `predict_encoded`. Everything else that scores notes — the export's parity, AUROC and batch-shift checks,
+recalibration, the benchmarks and the tests — calls `predict_proba`, which batches through the same two methods.
 """
 
 from __future__ import annotations
@@ -125,19 +125,32 @@ class NoteClassifier:
     def predict_proba(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """`predict` of every note, in the order of `texts`; notes of similar length share a batch, as in the
         service's batcher."""
-        return self._batched(self.predict, texts, batch_size)
+        return self.predict_encoded(self.encode(texts), batch_size)
+
+    def predict_encoded(
+        self,
+        notes: Sequence[EncodedNote],
+        max_batch_size: int = DEFAULT_BATCH_SIZE,
+        max_batch_tokens: int = sys.maxsize,
+    ) -> np.ndarray:
+        """`predict` of encoded notes, in their order, in the batches `plan_batches` makes of them (the service's
+        batcher plans its pools of notes the same way)."""
+        return self._batched(self.predict, notes, max_batch_size, max_batch_tokens)
 
     def predict_margins(self, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """`margins` of every note, in the order of `texts` (what recalibration fits on)."""
-        return self._batched(self.margins, texts, batch_size)
+        return self._batched(self.margins, self.encode(texts), batch_size, sys.maxsize)
 
     def _batched(
-        self, run: Callable[[Sequence[np.ndarray]], np.ndarray], texts: Sequence[str], batch_size: int
+        self,
+        run: Callable[[Sequence[np.ndarray]], np.ndarray],
+        notes: Sequence[EncodedNote],
+        max_batch_size: int,
+        max_batch_tokens: int,
     ) -> np.ndarray:
-        encoded = self.encode(texts)
-        results = np.zeros(len(encoded), dtype=np.float32)
-        for positions in plan_batches([len(note.ids) for note in encoded], batch_size, max_batch_tokens=sys.maxsize):
-            results[positions] = run([encoded[position].ids for position in positions])
+        results = np.zeros(len(notes), dtype=np.float32)
+        for positions in plan_batches([len(note.ids) for note in notes], max_batch_size, max_batch_tokens):
+            results[positions] = run([notes[position].ids for position in positions])
         return results
 
 

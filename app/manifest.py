@@ -26,6 +26,10 @@ class Decision(Strict):
     policy: str = Field(description="How the threshold was chosen: prevalence, fixed-0.5 or target-sensitivity.")
     target_sensitivity: float | None = Field(None, description="Validation sensitivity aimed at (target-sensitivity).")
 
+    def label(self, probability: float) -> Literal["emergency", "non-emergency"]:
+        """The label of a note with this P(emergency)."""
+        return "emergency" if probability >= self.threshold else "non-emergency"
+
 
 class Calibration(Strict):
     """P(emergency) = sigmoid(scale * (logit[emergency] - logit[non-emergency]) + bias). scale 1, bias 0 is the

@@ -142,12 +142,12 @@ async def classify_texts(
         if explain
         else [None] * len(texts)
     )
-    threshold = service.bundle.manifest.decision.threshold
+    decision = service.bundle.manifest.decision
     classified = [
         Classification(
-            "emergency" if probability >= threshold else "non-emergency",
+            decision.label(probability),
             float(probability),
-            threshold,
+            decision.threshold,
             note.truncated,
             chars=length,
             tokens=len(note.ids),

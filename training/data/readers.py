@@ -2,7 +2,8 @@
 
 Text files are UTF-8 unless `encoding` says otherwise. A file that is not UTF-8 is detected: Korean files in
 CP949 / EUC-KR (EUC-KR is a subset of CP949) are read as CP949; any other guess (charset-normalizer's) is named
-in the error, to be confirmed with `--encoding`, since a wrong guess would silently garble the notes.
+in the error, to be confirmed with `--encoding`, since a wrong guess would silently garble the notes
+(app/text_files.py, which batch scoring shares).
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ import codecs
 import csv
 import io
 import logging
-import re
 from pathlib import Path
 
 import pandas as pd
 
+from app.text_files import decode_korean, guess_encoding, sniff_delimiter
 from training.data.examples import DataError
 
 TEXT_SUFFIXES = {".csv", ".tsv", ".txt"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
-SNIFF_DELIMITERS = ",;\t|"
-KOREAN_ENCODINGS = {"cp949", "euc_kr", "johab", "iso2022_kr"}  # as charset-normalizer names them
-HANGUL = re.compile(r"[\uac00-\ud7a3\u3131-\u318e]")
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +65,12 @@ def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        korean = _korean(raw)
+        korean = decode_korean(raw)
         if korean is not None:
             log.info("%s: not UTF-8; read as CP949 (Korean, detected)", path)
             return korean
         line = raw[: err.start].count(b"\n") + 1
-        guess = _guess_encoding(raw)
+        guess = guess_encoding(raw)
         hint = f"it looks like {guess}: pass --encoding {guess} if so, or" if guess else "pass --encoding, or"
         raise DataError(
             f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}) and not "
@@ -80,32 +78,9 @@ def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
         ) from err
 
 
-def _korean(raw: bytes) -> str | None:
-    """The text of a CP949 / EUC-KR file: it decodes as CP949 and its non-ASCII characters are mostly Hangul (or
-    charset-normalizer says it is Korean); None otherwise."""
-    try:
-        text = raw.decode("cp949")
-    except UnicodeDecodeError:
-        return None
-    non_ascii = [c for c in text if ord(c) > 127]
-    if non_ascii and sum(bool(HANGUL.match(c)) for c in non_ascii) >= 0.5 * len(non_ascii):
-        return text
-    return text if _guess_encoding(raw) in KOREAN_ENCODINGS else None
-
-
-def _guess_encoding(raw: bytes) -> str | None:
-    from charset_normalizer import from_bytes
-
-    best = from_bytes(raw).best()
-    return None if best is None else str(best.encoding)
-
-
 def _sniff_delimiter(path: Path, text: str) -> str:
-    header = text.split("\n", 1)[0]
-    if not any(d in header for d in SNIFF_DELIMITERS):
-        return ","  # a single column: nothing to sniff
     try:
-        return csv.Sniffer().sniff(text[:65536], delimiters=SNIFF_DELIMITERS).delimiter
+        return sniff_delimiter(text)
     except csv.Error as err:
         raise DataError(f"{path}: could not detect the delimiter; pass it explicitly (--delimiter)") from err
 
