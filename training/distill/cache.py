@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# The teacher returns every layer's attention maps of a batch at once ([B, H, T, T] per layer, fp32), so a build
+# batch holds at most this many bytes of them: a batch of 32 notes of 512 teacher tokens would hold 2.4 GB for
+# minilm-l6, and the build's peak memory would follow the longest notes of the data.
+ATTENTION_BYTES_PER_BATCH = 128 * 2**20
 
 
 def default_cache_dir() -> Path:
@@ -118,8 +122,9 @@ def load_or_build(
         log.info("building teacher cache %s in %s", directory.name[:12], root)
         # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and a run that builds the
         # cache would then train differently from the same run reusing it.
+        batches = build_batches(collator, teacher.config, batch_size)
         loader = torch.utils.data.DataLoader(
-            Positions(len(collator.examples)), batch_size, collate_fn=collator, generator=torch.Generator()
+            Positions(len(collator.examples)), batch_sampler=batches, collate_fn=collator, generator=torch.Generator()
         )
         layout = _write_features(staging, teacher, loss, loader, device)
         size = sum(path.stat().st_size for path in staging.iterdir())
@@ -142,6 +147,32 @@ def load_or_build(
         size / notes / 1024,
     )
     return cache
+
+
+def build_batches(collator: DistillCollator, teacher_config: Any, max_batch_size: int) -> list[list[int]]:
+    """Consecutive runs of note positions (the cache is written note after note) of at most `max_batch_size`
+    notes, each short enough that the teacher's attention maps stay within ATTENTION_BYTES_PER_BATCH."""
+    lengths = [
+        len(ids)
+        for ids in collator.teacher_tokenizer(
+            collator.examples.texts, truncation=True, max_length=collator.teacher_max_length
+        )["input_ids"]
+    ]
+    bytes_per_token_pair = 4 * teacher_config.num_hidden_layers * teacher_config.num_attention_heads
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for position, length in enumerate(lengths):
+        longest_with_it = max(longest, length)
+        too_big = (len(batch) + 1) * longest_with_it**2 * bytes_per_token_pair > ATTENTION_BYTES_PER_BATCH
+        if batch and (len(batch) == max_batch_size or too_big):
+            batches.append(batch)
+            batch, longest_with_it = [], length
+        batch.append(position)
+        longest = longest_with_it
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 @dataclass

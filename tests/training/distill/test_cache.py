@@ -11,7 +11,8 @@ import torch
 
 from training.config import DistillArguments, ModelArguments
 from training.data.examples import Examples
-from training.distill.cache import cache_key, fingerprint, load_or_build
+from training.distill import cache
+from training.distill.cache import build_batches, cache_key, fingerprint, load_or_build
 from training.distill.objective import build_distill_objective
 from training.distill.teacher import run_teacher
 from training.modeling import load_student, load_tokenizer
@@ -171,3 +172,37 @@ def test_runs_share_a_cache_in_the_models_dir_or_in_teacher_cache_dir(
     elsewhere = tmp_path / "elsewhere"
     objective_for(tiny_bert_dir, tiny_teacher_dir, examples, teacher_cache=True, teacher_cache_dir=str(elsewhere))
     assert [p.name for p in elsewhere.iterdir()] == [first.cache.manifest["fingerprint"]]
+
+
+def test_build_batches_are_consecutive_and_bound_the_attention_memory(
+    tmp_path, tiny_bert_dir, tiny_teacher_dir, examples, monkeypatch
+):
+    objective = objective_for(tiny_bert_dir, tiny_teacher_dir)
+    collator = objective.collator(examples)
+    config = objective.teacher.config
+    lengths = [
+        len(ids)
+        for ids in collator.teacher_tokenizer(examples.texts, truncation=True, max_length=collator.teacher_max_length)[
+            "input_ids"
+        ]
+    ]
+    bytes_per_token_pair = 4 * config.num_hidden_layers * config.num_attention_heads
+    # Room for four of the longest notes: batches of up to 4 long notes, more of short ones (up to 6).
+    budget = 4 * max(lengths) ** 2 * bytes_per_token_pair
+    monkeypatch.setattr(cache, "ATTENTION_BYTES_PER_BATCH", budget)
+
+    batches = build_batches(collator, config, max_batch_size=6)
+
+    assert [p for batch in batches for p in batch] == list(range(len(examples.texts)))
+    assert all(len(batch) <= 6 for batch in batches)
+    for batch in batches:
+        assert len(batch) * max(lengths[p] for p in batch) ** 2 * bytes_per_token_pair <= budget or len(batch) == 1
+    assert len(batches) > -(-len(examples.texts) // 6)  # the budget, not only the batch size, cut some batches
+
+    # The features do not depend on how the notes were batched.
+    small = load_or_build(tmp_path / "small", collator, objective.teacher, objective.distill_loss, CPU, batch_size=6)
+    monkeypatch.setattr(cache, "ATTENTION_BYTES_PER_BATCH", 2**40)
+    large = load_or_build(tmp_path / "large", collator, objective.teacher, objective.distill_loss, CPU, batch_size=32)
+    np.testing.assert_array_equal(small.words, large.words)
+    np.testing.assert_allclose(small.hidden, large.hidden, atol=2e-3)
+    np.testing.assert_allclose(small.attention, large.attention, atol=2e-3)
