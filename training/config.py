@@ -275,7 +275,13 @@ class TrainingArguments:
     max_steps: int | None = field(
         default=None, metadata={"help": "Stop after this many optimizer steps (overrides --epochs when reached first)."}
     )
-    batch_size: int = field(default=16, metadata={"help": "Notes per forward pass."})
+    batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Notes per forward pass, of each process under torchrun: an optimizer step takes "
+            "--batch-size x --grad-accum x processes notes."
+        },
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "Notes per forward pass during evaluation."})
     grad_accum: int = field(default=1, metadata={"help": "Forward passes accumulated per optimizer step."})
     encoder_lr: float = field(
@@ -297,7 +303,9 @@ class TrainingArguments:
         metadata={"help": "Validation metric for early stopping and the checkpoint evaluated on test."},
     )
     seed: int = field(default=42, metadata={"help": "Seed for weights, batches and dropout."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, mps or cuda[:N]."})
+    device: str = field(
+        default="auto", metadata={"help": "auto, cpu, mps or cuda[:N]; under torchrun, cuda is each process's own GPU."}
+    )
     precision: Precision = field(
         default="auto",
         metadata={

@@ -32,20 +32,15 @@ from training.data.loading import load_parts
 from training.evaluate import compute_metrics
 from training.modeling import load_student, load_tokenizer, parameter_groups, to_device
 from training.objectives import CrossEntropyObjective, TrainingStep
+from training.parallel import Processes
 from training.precision import mixed_precision
 from training.predict import predict_proba
-from training.resume import Progress, restore, save_state, start_or_resume
+from training.resume import Progress, process_state, restore, save_state, start_or_resume
 from training.run_dir import RunDirectory
 from training.run_report import evaluate_run
-from training.tracking import open_tracking, start_tracking
+from training.tracking import NoTracker, Tracker, open_tracking, start_tracking
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_objective(method, model, tokenizer, model_args, distill_args, train_parts, device):
@@ -63,36 +58,47 @@ def fit(
     distill_args: DistillArguments,
     eval_args: EvalArguments,
 ) -> Path:
-    """Train, keep the best checkpoints, evaluate the `select_metric` one on test; returns the run directory."""
+    """Train, keep the best checkpoints, evaluate the `select_metric` one on test; returns the run directory.
+    Under torchrun, one of the data-parallel processes (training/parallel.py): rank 0 writes and evaluates."""
     check_fit_options(data_args, model_args, train_args, distill_args, eval_args)
+    processes = Processes.from_environment()
+    device = processes.device(train_args.device)
+    processes.start(device)
+    main = processes.is_main
     run = RunDirectory(Path(train_args.out))
-    state = start_or_resume(run, data_args, model_args, train_args, distill_args, eval_args)
+    state = start_or_resume(run, data_args, model_args, train_args, distill_args, eval_args, write=main)
     if state is not None and run.split_file.is_file():
         data_args = replace(data_args, split_file=str(run.split_file))  # the saved split: an error if the data changed
     # --report-to: logs the options now, then each epoch and the report (a resumed run goes on logging to its tracker)
-    tracker = start_tracking(run, train_args) if state is None else open_tracking(run)
+    tracker: Tracker = NoTracker()
+    if main:
+        tracker = start_tracking(run, train_args) if state is None else open_tracking(run)
     if train_args.threads:
         torch.set_num_threads(train_args.threads)
     set_seed(train_args.seed)
-    device = pick_device(train_args.device)
 
-    parts = load_parts(data_args, save_split=None if state else run.split_file)
+    parts = load_parts(data_args, save_split=run.split_file if main and state is None else None)
     tokenizer = load_tokenizer(model_args.student)
     attn = "sdpa" if train_args.method == "base" else "eager"  # distillation reads attention maps
     model = to_device(load_student(model_args.student, attn_implementation=attn), device)
     if train_args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    objective = build_objective(train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device)
+    with processes.main_first():  # rank 0 builds the teacher cache, the others open it
+        objective = build_objective(
+            train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device
+        )
 
     collator = objective.collator(parts["train"])
     notes = len(parts["train"])
     trainable = TrainingStep(model, objective)
+    step_module = processes.wrap(trainable, device)
     groups = parameter_groups(model, train_args.encoder_lr, train_args.head_lr, train_args.weight_decay)
     extra = [p for module in objective.extra_modules() for p in module.parameters()]
     if extra:
         groups.append({"params": extra, "lr": train_args.head_lr, "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups)
-    steps_per_epoch = math.ceil(math.ceil(notes / train_args.batch_size) / train_args.grad_accum)
+    batches_per_epoch = len(processes.deal(epoch_batches(notes, train_args.batch_size, train_args.seed, 1)))
+    steps_per_epoch = math.ceil(batches_per_epoch / train_args.grad_accum)
     total_steps = steps_per_epoch * train_args.epochs
     if train_args.max_steps:
         total_steps = min(total_steps, train_args.max_steps)
@@ -101,32 +107,50 @@ def fit(
 
     keeper = CheckpointKeeper(run)
     prevalence = float(parts["train"].labels.mean())
-    progress = Progress() if state is None else restore(state, trainable, optimizer, scheduler, scaler)
+    progress = (
+        Progress()
+        if state is None
+        else restore(state, trainable, optimizer, scheduler, scaler, processes.rank, processes.size)
+    )
     del state  # loaded into the training objects: the copy is freed
-    keeper.load_state_dict(progress.best)
-    run.history_file.write_text("".join(json.dumps(record) + "\n" for record in progress.history))
+    if main:
+        keeper.load_state_dict(progress.best)
+        run.history_file.write_text("".join(json.dumps(record) + "\n" for record in progress.history))
     start = time.perf_counter() - progress.elapsed_s
 
     def save_progress() -> None:
         progress.elapsed_s = time.perf_counter() - start
-        save_state(run.resume_file, trainable, optimizer, scheduler, scaler, progress)
+        every_process = processes.gather([process_state(progress)])
+        if main:
+            save_state(run.resume_file, trainable, optimizer, scheduler, scaler, progress, every_process)
 
     for epoch in range(progress.epoch, train_args.epochs + 1):
         # --render mixed: every training note is re-drawn each epoch (validation keeps its fixed epoch-0 draw).
         collator.examples = parts["train"].for_epoch(epoch)
-        trainable.train()
+        step_module.train()
         done = progress.epoch_steps * train_args.grad_accum  # batches a stopped session trained on
         # Collated here rather than by a DataLoader, whose every iterator draws a seed from the RNG a resumed
         # run restores.
-        batches = map(collator, epoch_batches(notes, train_args.batch_size, train_args.seed, epoch)[done:])
-        bar = tqdm(total=steps_per_epoch, initial=progress.epoch_steps, desc=f"epoch {epoch}", unit="step", leave=False)
+        own = processes.deal(epoch_batches(notes, train_args.batch_size, train_args.seed, epoch))
+        batches = map(collator, own[done:])
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=progress.epoch_steps,
+            desc=f"epoch {epoch}",
+            unit="step",
+            leave=False,
+            disable=not main,
+        )
         while progress.step < total_steps and (group := list(islice(batches, train_args.grad_accum))):
             group = [{k: v.to(device) for k, v in b.items()} for b in group]
-            words = sum(objective.count_words(b) for b in group)
-            for batch in group:
-                with autocast():
-                    loss, logs = trainable(batch, len(group), words)
-                scaler.scale(loss).backward()
+            # The distillation losses are divided by the step's aligned words; DDP averages the processes'
+            # gradients, so each process divides by the mean count.
+            words = processes.mean(sum(objective.count_words(b) for b in group))
+            for i, batch in enumerate(group):
+                with processes.synchronizing(step_module, last=i == len(group) - 1):
+                    with autocast():
+                        loss, logs = step_module(batch, len(group), words)
+                    scaler.scale(loss).backward()
                 progress.epoch_logs.append(logs)
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], train_args.max_grad_norm)
@@ -142,10 +166,10 @@ def fit(
                 save_progress()
         bar.close()
 
-        metrics = _validate(model, tokenizer, parts["valid"], prevalence, train_args, model_args, device)
-        improved = keeper.update(epoch, metrics, model, tokenizer)
+        metrics = _validate(model, tokenizer, parts["valid"], prevalence, train_args, model_args, device, processes)
+        improved = processes.from_main(keeper.update, epoch, metrics, model, tokenizer)
         progress.best = keeper.state_dict()
-        train = _epoch_summary(progress.epoch_logs)
+        train = _epoch_summary(processes.gather(progress.epoch_logs))
         record = {
             "epoch": epoch,
             "step": progress.step,
@@ -155,19 +179,20 @@ def fit(
             "improved": improved,
         }
         progress.history.append(record)
-        with run.history_file.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        tracker.log_epoch(record)
-        counts = [f"{k} {v}" for k, v in train.items() if isinstance(v, int)]
-        log.info(
-            "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s%s",
-            epoch,
-            metrics["auroc"],
-            metrics["brier"],
-            metrics["loss"],
-            f" (best {', '.join(improved)})" if improved else "",
-            f"; train {', '.join(counts)}" if counts else "",
-        )
+        if main:
+            with run.history_file.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            tracker.log_epoch(record)
+            counts = [f"{k} {v}" for k, v in train.items() if isinstance(v, int)]
+            log.info(
+                "epoch %d: valid auroc %.4f brier %.4f loss %.4f%s%s",
+                epoch,
+                metrics["auroc"],
+                metrics["brier"],
+                metrics["loss"],
+                f" (best {', '.join(improved)})" if improved else "",
+                f"; train {', '.join(counts)}" if counts else "",
+            )
         progress.stale = 0 if train_args.select_metric in improved else progress.stale + 1
         if progress.stale >= train_args.patience or progress.step >= total_steps or epoch == train_args.epochs:
             break
@@ -175,25 +200,28 @@ def fit(
         save_progress()
 
     train_seconds = time.perf_counter() - start
-    run.summary_file.write_text(
-        json.dumps(
-            {
-                "steps": progress.step,
-                "epochs": epoch,
-                "train_seconds": round(train_seconds, 1),
-                "device": str(device),
-                "precision": str(dtype).removeprefix("torch."),
-            },
-            indent=2,
+    if main:
+        summary = {
+            "steps": progress.step,
+            "epochs": epoch,
+            "train_seconds": round(train_seconds, 1),
+            "device": str(device),
+            "precision": str(dtype).removeprefix("torch."),
+            "processes": processes.size,
+        }
+        run.summary_file.write_text(json.dumps(summary, indent=2))
+        log.info(
+            "trained %d steps in %.0f s; evaluating best-%s on test",
+            progress.step,
+            train_seconds,
+            train_args.select_metric,
         )
-    )
-    log.info(
-        "trained %d steps in %.0f s; evaluating best-%s on test", progress.step, train_seconds, train_args.select_metric
-    )
-    evaluate_run(run, eval_args, parts=parts, metric=train_args.select_metric, device=device)
-    run.resume_file.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
-    tracker.log_report(run.eval_dir())
-    tracker.finish()
+        evaluate_run(run, eval_args, parts=parts, metric=train_args.select_metric, device=device)
+        run.resume_file.unlink(missing_ok=True)  # the run is complete: nothing is left to resume
+        tracker.log_report(run.eval_dir())
+        tracker.finish()
+    del step_module  # DDP's reducer holds the process group: it goes first, or gloo aborts at exit
+    processes.stop()
     return run.root
 
 
@@ -209,9 +237,12 @@ def _epoch_summary(epoch_logs: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def _validate(model, tokenizer, valid, prevalence, train_args, model_args, device) -> dict[str, float]:
-    probs, logits = predict_proba(
-        model, tokenizer, valid.texts, train_args.eval_batch_size, model_args.max_length, device
+def _validate(model, tokenizer, valid, prevalence, train_args, model_args, device, processes) -> dict[str, float]:
+    """Metrics of the whole validation split; each process predicts its share, and every one gets all of them."""
+    own = processes.own_share(valid.texts)
+    probs, logits = (
+        processes.gather_shares(part)
+        for part in predict_proba(model, tokenizer, own, train_args.eval_batch_size, model_args.max_length, device)
     )
     metrics = compute_metrics(valid.labels, probs, prevalence)
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(valid.labels)).item()

@@ -2,12 +2,12 @@
 
 `checkpoints/resume.pt` holds everything the next optimizer step depends on: the trainable weights (the
 student, and the distillation projections and ensemble probe), the optimizer, learning-rate schedule and
-loss-scaler states, the RNG states (python, numpy, torch, CUDA), and the progress: the epoch and the
-optimizer steps taken in it (epoch e's batches are a permutation seeded by seed + e, so that position is the
-whole data-order state), the epoch's step logs, the history, the best checkpoints and the early-stopping
-count. `fit` writes it at the end of each epoch and every --checkpoint-steps steps, to a temporary file
-renamed over the previous one (a stop while writing leaves the previous state whole), and removes it when
-the run is complete.
+loss-scaler states, the progress (the epoch and the optimizer steps taken in it: epoch e's batches are a
+permutation seeded by seed + e, so that position is the whole data-order state; the history, the best
+checkpoints and the early-stopping count), and of each training process its RNG states (python, numpy,
+torch, CUDA) and the step logs of the epoch in progress. `fit` writes it at the end of each epoch and every
+--checkpoint-steps steps, to a temporary file renamed over the previous one (a stop while writing leaves the
+previous state whole), and removes it when the run is complete.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Progress:
     step: int = 0  # optimizer steps taken in all
     stale: int = 0  # epochs since --select-metric last improved
     elapsed_s: float = 0.0  # time since training started, over every session
-    epoch_logs: list[dict[str, float]] = field(default_factory=list)  # the step logs of the epoch in progress
+    epoch_logs: list[dict[str, float]] = field(default_factory=list)  # this process's step logs of the epoch
     history: list[dict[str, Any]] = field(default_factory=list)  # the lines of history.jsonl
     best: dict[str, list[float]] = field(default_factory=dict)  # CheckpointKeeper.state_dict()
 
@@ -51,9 +51,10 @@ def start_or_resume(
     training: TrainingArguments,
     distill: DistillArguments,
     evaluation: EvalArguments,
+    write: bool = True,
 ) -> dict[str, Any] | None:
-    """A new run writes its options and returns None; with --resume the options are checked against the saved
-    ones and the saved state is returned (see `load_state`)."""
+    """A new run writes its options (if `write`: one process of several does) and returns None; with --resume
+    the options are checked against the saved ones and the saved state is returned (see `load_state`)."""
     config = run_config(data, model, training, distill, evaluation)
     if training.resume:
         check_same_options(run, config)
@@ -63,7 +64,8 @@ def start_or_resume(
             f"{run.root} holds a stopped run ({run.relative(run.resume_file)}): pass --resume to continue it, or "
             "choose another --out (delete the directory to start it over)"
         )
-    run.write_config(data, model, training, distill, evaluation)
+    if write:
+        run.write_config(data, model, training, distill, evaluation)
     return None
 
 
@@ -92,15 +94,17 @@ def save_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     progress: Progress,
+    processes: list[dict[str, Any]],
 ) -> None:
-    """Write the state to `path` atomically: a temporary file, flushed to disk, then renamed over `path`."""
+    """Write the state to `path` atomically: a temporary file, flushed to disk, then renamed over `path`.
+    `processes`: `process_state()` of every training process, in rank order."""
     state = {
         "modules": modules.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-        "progress": asdict(progress),
+        "progress": {k: v for k, v in asdict(progress).items() if k != "epoch_logs"},
+        "processes": processes,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
@@ -121,6 +125,7 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         Progress(**state["progress"])
+        state["processes"][0]["rng"]
     except Exception as error:  # a torn or foreign file fails in pickle, zip or torch code alike
         raise RunDirectoryError(
             f"--resume: {path} is not a readable resumable state ({type(error).__name__}: {error}); "
@@ -135,14 +140,28 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    rank: int = 0,
+    processes: int = 1,
 ) -> Progress:
-    """Load `state` (from `load_state`) into the freshly built training objects; returns its progress."""
+    """Load `state` (from `load_state`) into the freshly built training objects; returns the progress of
+    process `rank` of `processes`."""
+    saved = state["processes"]
+    if len(saved) != processes:
+        raise ConfigError(
+            f"--resume: the run was trained by {len(saved)} process(es), not {processes}: resume it with as many "
+            f"(torchrun --nproc-per-node {len(saved)}, or no torchrun for one)"
+        )
     modules.load_state_dict(state["modules"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    return Progress(**state["progress"])
+    set_rng_state(saved[rank]["rng"])
+    return Progress(**state["progress"], epoch_logs=saved[rank]["epoch_logs"])
+
+
+def process_state(progress: Progress) -> dict[str, Any]:
+    """What differs between the training processes: the RNG states and the step logs of the epoch."""
+    return {"rng": rng_state(), "epoch_logs": progress.epoch_logs}
 
 
 def rng_state() -> dict[str, Any]:

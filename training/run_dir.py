@@ -4,7 +4,7 @@
       run_config.json          every option, grouped: data, model, training, distill, evaluation
       split.json               source sha256 + row ids of train/valid/test (never text)
       history.jsonl            one line of validation metrics per epoch
-      train_summary.json       steps, epochs, training seconds, device
+      train_summary.json       steps, epochs, training seconds, device, precision, processes
       tracking.json            where `fit --report-to` logs (MLflow store and run id, or tensorboard/); absent: none
       tensorboard/             TensorBoard event files (`--report-to tensorboard`)
       checkpoints/epoch-N/     save_pretrained() of the student + tokenizer + checkpoint.json (epoch, valid)

@@ -142,10 +142,12 @@ class DistillObjective:
             normalizer=accum_words,
         )
         total = ce / accum_steps + kd.total
+        # kd's terms are this pass's share of the step's loss per aligned word (divided by the words of all the
+        # step's passes): times the passes, the mean of an epoch's logs is the loss per word.
         logs = {
             "ce": ce.item(),
-            "hidden": kd.hidden.item(),
-            "attention": kd.attention.item(),
+            "hidden": kd.hidden.item() * accum_steps,
+            "attention": kd.attention.item() * accum_steps,
             "words": kd.num_words,
             "words_lost_student": int(batch["words_lost_student"]),
             "words_lost_teacher": int(batch["words_lost_teacher"]),
