@@ -28,10 +28,12 @@ Files of a cache (N notes, w words of a note, L mapped layers, H compared heads,
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -63,6 +65,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # batch holds at most this many bytes of them: a batch of 32 notes of 512 teacher tokens would hold 2.4 GB for
 # minilm-l6, and the build's peak memory would follow the longest notes of the data.
 ATTENTION_BYTES_PER_BATCH = 128 * 2**20
+LENGTH_CHUNK = 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def default_cache_dir() -> Path:
@@ -120,6 +124,7 @@ def load_or_build(
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name[:12]}-", dir=root))
     try:
         log.info("building teacher cache %s in %s", directory.name[:12], root)
+        _return_freed_buffers_to_the_os()
         # Its own generator: a DataLoader draws a seed from the global RNG otherwise, and a run that builds the
         # cache would then train differently from the same run reusing it.
         batches = build_batches(collator, teacher.config, batch_size)
@@ -152,10 +157,12 @@ def load_or_build(
 def build_batches(collator: DistillCollator, teacher_config: Any, max_batch_size: int) -> list[list[int]]:
     """Consecutive runs of note positions (the cache is written note after note) of at most `max_batch_size`
     notes, each short enough that the teacher's attention maps stay within ATTENTION_BYTES_PER_BATCH."""
+    texts = collator.examples.texts
     lengths = [
         len(ids)
+        for start in range(0, len(texts), LENGTH_CHUNK)  # a chunk at a time: only the lengths are kept
         for ids in collator.teacher_tokenizer(
-            collator.examples.texts, truncation=True, max_length=collator.teacher_max_length
+            texts[start : start + LENGTH_CHUNK], truncation=True, max_length=collator.teacher_max_length
         )["input_ids"]
     ]
     bytes_per_token_pair = 4 * teacher_config.num_hidden_layers * teacher_config.num_attention_heads
@@ -279,6 +286,19 @@ def _write_features(
     np.save(directory / "hidden_offsets.npy", _offsets(layout["layers"] * words_per_note * last_axis))
     np.save(directory / "attention_offsets.npy", _offsets(layout["layers"] * layout["heads"] * words_per_note**2))
     return {"notes": len(counts), **layout}
+
+
+def _return_freed_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after each large free (up to 32 MB), so the teacher's buffers, of another
+    shape every batch, then come from its heap and fragment it: the build's RSS crept up with the number of notes.
+    A fixed 1 MB threshold maps every larger buffer on its own and hands it back when freed. Process-wide."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (e.g. musl): nothing to tune
+    libc.mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
 def _offsets(sizes: np.ndarray) -> np.ndarray:
