@@ -68,14 +68,15 @@ def output_schema(id_column: str | None, id_type: pa.DataType | None, include_te
 class ChunkScorer:
     """The bundle's classifier and decision threshold, loaded as the service loads them, scoring chunks of notes."""
 
-    def __init__(self, settings: Settings, schema: pa.Schema, has_id: bool) -> None:
+    def __init__(self, settings: Settings, notes: NotesFile, include_text: bool) -> None:
         bundle = load_bundle(settings.bundle, settings.variant, settings.intra_op_threads, device_id=settings.device_id)
         cut: Truncation = "head" if settings.truncation == "head" else "head-tail"  # refuse: see `score`
         self.classifier = NoteClassifier.from_bundle(bundle, settings.max_note_tokens, cut)
         self.decision = bundle.manifest.decision
         self.settings = settings
-        self.schema = schema  # output_schema(...)
-        self._row_id = ID if has_id else ROW
+        self.schema = output_schema(notes.id_column, notes.id_type, include_text)
+        self._row_id = ROW if notes.id_column is None else ID
+        self._include_text = include_text
 
     def score(self, chunk: pa.RecordBatch) -> pa.RecordBatch:
         """The scores of a chunk from `NotesFile.chunks`, row for row, in `schema`."""
@@ -108,7 +109,7 @@ class ChunkScorer:
             pa.array(truncated, mask=not_scored),
             pa.array(statuses, pa.string()),
         ]
-        if TEXT in self.schema.names:
+        if self._include_text:
             columns.append(chunk.column(TEXT))
         return pa.record_batch(columns, schema=self.schema)
 
@@ -189,7 +190,6 @@ def score_file(
     notes: NotesFile, output: Path, settings: Settings, include_text: bool, chunk_rows: int = DEFAULT_CHUNK_ROWS
 ) -> ScoringSummary:
     """Score every note of `notes` in this process and write the scores to `output`."""
-    schema = output_schema(notes.id_column, notes.id_type, include_text)
-    scorer = ChunkScorer(settings, schema, has_id=notes.id_column is not None)
+    scorer = ChunkScorer(settings, notes, include_text)
     scores = (scorer.score(chunk) for chunk in notes.chunks(chunk_rows))
-    return write_scores(scores, ScoresWriter(output, schema, notes.rows))
+    return write_scores(scores, ScoresWriter(output, scorer.schema, notes.rows))

@@ -78,8 +78,8 @@ class NotesDatasource(Datasource):
 class ChunkScoringActor:
     """A Ray actor holding a `ChunkScorer` (the bundle loaded once); called with packed chunks."""
 
-    def __init__(self, settings: Settings, schema: pa.Schema, has_id: bool) -> None:
-        self.scorer = ChunkScorer(settings, schema, has_id)
+    def __init__(self, settings: Settings, notes: NotesFile, include_text: bool) -> None:
+        self.scorer = ChunkScorer(settings, notes, include_text)
 
     def __call__(self, packed: pa.Table) -> pa.Table:
         return pa.Table.from_batches(
@@ -115,7 +115,7 @@ def score_file_on_ray(
             # The read takes no CPU of its own: it must not wait for CPUs the actors hold.
             ray.data.read_datasource(NotesDatasource(notes, chunk_rows), num_cpus=0).map_batches(
                 ChunkScoringActor,
-                fn_constructor_args=(settings, schema, notes.id_column is not None),
+                fn_constructor_args=(settings, notes, include_text),
                 batch_size=1,
                 batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=pool),

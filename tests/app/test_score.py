@@ -6,13 +6,8 @@ All notes here are SYNTHETIC (tests/conftest.py `synthetic_notes`), never patien
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +23,7 @@ from app.bundle import load_bundle
 from app.cli import cli
 from app.inference import NoteClassifier
 from app.note_files import NotesFile
+from benchmarks.local_ray import LocalRayCluster, local_ray_cluster
 
 FORMATS = {  # file name -> how it is written
     "notes.csv": "utf-8",
@@ -226,6 +222,25 @@ def test_an_id_column_named_like_an_output_column_is_refused(tmp_path, tiny_bund
     assert result.exit_code == 2 and "the id column 'label' has the name of an output column" in result.output
 
 
+def test_an_id_column_may_be_called_text_when_the_notes_are_in_another(tmp_path, tiny_bundle_dir, frame):
+    source = write_notes(tmp_path / "notes.csv", frame.rename(columns={"text": "note", "note_id": "text"}))
+    output = tmp_path / "scores.parquet"
+    result = score(
+        "--bundle",
+        tiny_bundle_dir,
+        "--input",
+        source,
+        "--output",
+        output,
+        "--text-column",
+        "note",
+        "--id-column",
+        "text",
+    )
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(output)["text"].to_pylist() == frame["note_id"].tolist()
+
+
 def test_the_output_must_be_parquet_and_not_the_input(tmp_path, tiny_bundle_dir, frame):
     source = write_notes(tmp_path / "notes.parquet", frame)
     result = score("--bundle", tiny_bundle_dir, "--input", source, "--output", tmp_path / "scores.csv")
@@ -237,64 +252,11 @@ def test_the_output_must_be_parquet_and_not_the_input(tmp_path, tiny_bundle_dir,
 # ------------------------------------------------------------------------------------------- a real Ray cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_ray(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
-    """`ray start ... --block`: the node lives as long as this process, which stops the node's processes (raylet,
-    GCS, workers) when terminated. (`ray stop` would stop every Ray node on the machine, other users' too.)"""
-    ray = Path(sys.executable).with_name("ray")
-    command = [str(ray), "start", *args, "--num-cpus=1", "--object-store-memory=100000000", "--block"]
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-
-
-def _stop(nodes: list[subprocess.Popen[bytes]]) -> None:
-    for node in nodes:
-        node.send_signal(signal.SIGTERM)
-    for node in nodes:
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)  # its own process group (start_new_session)
-            node.wait()
-
-
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
-    """A head and a worker node of one CPU each, started as separate processes on this machine: its address, and
-    the environment that reaches it (its token: Ray's token authentication, given here so that nothing is written
-    to ~/.ray)."""
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # a test cluster stops at once
-        "OMP_NUM_THREADS": "1",
-    }
-    head = _start_ray(env, "--head", f"--port={port}", "--include-dashboard=false")
-    nodes = [head]
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert head.poll() is None, "the Ray head node exited"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the Ray head node did not start"
-                time.sleep(0.5)
-        nodes.append(_start_ray(env, f"--address={address}"))
-        yield address, env
-    finally:
-        _stop(nodes)
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """A head and a worker node of one CPU each, started as separate processes on this machine."""
+    with local_ray_cluster(workers=1, cpus_per_node=1) as cluster:
+        yield cluster
 
 
 def test_scoring_on_a_ray_cluster_gives_the_local_results(tmp_path, tiny_bundle_dir, frame, ray_cluster):
@@ -304,9 +266,8 @@ def test_scoring_on_a_ray_cluster_gives_the_local_results(tmp_path, tiny_bundle_
     args += ["--chunk-rows", "32"]
     assert score(*args, "--output", tmp_path / "local.parquet").exit_code == 0
     command = [sys.executable, "-m", "app", "score", *map(str, args), "--output", str(tmp_path / "ray.parquet")]
-    address, env = ray_cluster
-    command += ["--ray", address, "--ray-actors", "2"]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    command += ["--ray", ray_cluster.address, "--ray-actors", "2"]
+    finished = subprocess.run(command, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "200 rows" in finished.stderr
 
