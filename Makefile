@@ -66,8 +66,8 @@ LOCK := env -u PIP_FIND_LINKS -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_CON
 	--python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock"
 lock: install
 	mkdir -p requirements
-	$(LOCK) pyproject.toml --extra cpu -o requirements/api-cpu.txt
-	$(LOCK) pyproject.toml --extra gpu -o requirements/api-gpu.txt
+	$(LOCK) pyproject.toml --extra cpu --extra tracing --extra score -o requirements/api-cpu.txt
+	$(LOCK) pyproject.toml --extra gpu --extra tracing --extra score -o requirements/api-gpu.txt
 	echo "torch==$(TORCH_VERSION)+cpu" > requirements/.torch-cpu.in
 	$(LOCK) pyproject.toml requirements/.torch-cpu.in --extra train --extra cpu --find-links $(LOCK_TORCH_FIND_LINKS) \
 		--no-emit-package torch -o requirements/trainer-cpu.txt
