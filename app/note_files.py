@@ -26,7 +26,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from app.text_files import decode_korean, guess_encoding, sniff_delimiter
+from app.text_files import decode_korean, not_utf8_message, sniff_delimiter
 
 ROW, ID, TEXT = "row", "id", "text"
 FORMATS: dict[str, Literal["csv", "jsonl", "parquet"]] = {
@@ -241,13 +241,7 @@ def _text_encoding(path: Path, sample: bytes, given: str | None) -> str:
         if decode_korean(sample) is not None:
             log.info("notes file not UTF-8; read as CP949 (Korean, detected)")
             return "cp949"
-        line = sample[: error.start].count(b"\n") + 1
-        guess = guess_encoding(sample)
-        hint = f"it looks like {guess}: pass --encoding {guess} if so, or" if guess else "pass --encoding, or"
-        raise NotesFileError(
-            f"{path}: line {line} is not valid UTF-8 (byte 0x{sample[error.start]:02x} at offset {error.start}) and "
-            f"not Korean CP949/EUC-KR; {hint} re-save the file as UTF-8"
-        ) from None
+        raise NotesFileError(not_utf8_message(path, sample, error)) from None
 
 
 def _delimiter(path: Path, sample: bytes, encoding: str) -> str:

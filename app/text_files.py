@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import re
+from pathlib import Path
 
 KOREAN_ENCODINGS = {"cp949", "euc_kr", "johab", "iso2022_kr"}  # as charset-normalizer names them
 HANGUL = re.compile(r"[\uac00-\ud7a3\u3131-\u318e]")
@@ -35,6 +36,17 @@ def guess_encoding(raw: bytes) -> str | None:
 
     best = from_bytes(raw).best()
     return None if best is None else str(best.encoding)
+
+
+def not_utf8_message(path: Path, raw: bytes, error: UnicodeDecodeError) -> str:
+    """What to tell the user of a file that is neither UTF-8 nor detectably Korean: where, and what to try."""
+    line = raw[: error.start].count(b"\n") + 1
+    guess = guess_encoding(raw)
+    hint = f"it looks like {guess}: pass --encoding {guess} if so, or" if guess else "pass --encoding, or"
+    return (
+        f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}) and not "
+        f"Korean CP949/EUC-KR; {hint} re-save the file as UTF-8"
+    )
 
 
 def sniff_delimiter(text: str) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from app.text_files import decode_korean, guess_encoding, sniff_delimiter
+from app.text_files import decode_korean, not_utf8_message, sniff_delimiter
 from training.data.examples import DataError
 
 TEXT_SUFFIXES = {".csv", ".tsv", ".txt"}
@@ -69,13 +69,7 @@ def _decode(path: Path, raw: bytes, encoding: str | None) -> str:
         if korean is not None:
             log.info("%s: not UTF-8; read as CP949 (Korean, detected)", path)
             return korean
-        line = raw[: err.start].count(b"\n") + 1
-        guess = guess_encoding(raw)
-        hint = f"it looks like {guess}: pass --encoding {guess} if so, or" if guess else "pass --encoding, or"
-        raise DataError(
-            f"{path}: line {line} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start}) and not "
-            f"Korean CP949/EUC-KR; {hint} re-save the file as UTF-8"
-        ) from err
+        raise DataError(not_utf8_message(path, raw, err)) from err
 
 
 def _sniff_delimiter(path: Path, text: str) -> str:
