@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -41,6 +42,12 @@ def tiny_bundle_dir(tmp_path_factory, notes, tiny_bert_dir) -> Path:
         EvalArguments(bootstrap=20),
     )
     return export_bundle(run, root / "bundle", tolerance=1.0)
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, tiny_bundle_dir) -> Path:
+    """A copy of the tiny bundle that a test may edit."""
+    return Path(shutil.copytree(tiny_bundle_dir, tmp_path / "bundle"))
 
 
 @pytest.fixture

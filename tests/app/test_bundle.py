@@ -1,7 +1,6 @@
 """Loading a model bundle: refusal of damaged bundles, variant choice (SYNTHETIC notes)."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -10,11 +9,6 @@ import pytest
 from app.bundle import BundleError, load_bundle
 
 CPU = ["CPUExecutionProvider"]
-
-
-@pytest.fixture
-def bundle_copy(tmp_path, tiny_bundle_dir):
-    return shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
 
 
 def edit_manifest(bundle, edit) -> None:

@@ -2,9 +2,7 @@
 served variant against the manifest's probe notes. This machine's ONNX Runtime is the CPU build, so CUDA asked for
 is CUDA not in use. All notes are SYNTHETIC."""
 
-import json
 import logging
-import shutil
 
 import numpy as np
 import onnxruntime
@@ -13,23 +11,12 @@ import pytest
 from app.bundle import load_bundle
 from app.inference import NoteClassifier, calibrated_probability
 from app.settings import Settings
+from tests.app.test_bundle import edit_manifest
 
 pytestmark = pytest.mark.anyio
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 NOTE = "CC: chest pain. BT 36.8, HR 118"
-
-
-@pytest.fixture
-def bundle_copy(tmp_path, tiny_bundle_dir):
-    return shutil.copytree(tiny_bundle_dir, tmp_path / "bundle")
-
-
-def edit_manifest(bundle, edit) -> None:
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
 
 
 def records(caplog, message: str, level: int | None = None) -> list[logging.LogRecord]:
