@@ -4,6 +4,7 @@ Run from the repository root:
 
     python -m benchmarks.serve_load --bundle models/NAME [--seconds 25] [--concurrency 1 8 32 64]
         [--variant int8] [--servers service-int8 service-fp32 ...] [--checkpoint runs/NAME/checkpoints/best-auroc]
+        [--compare l6=models/l6 --compare qat=models/qat]
 
 Servers (subprocesses started here, warmed up, measured, then stopped; all pinned to --threads), with
 V the ONNX variant given by --variant (int8 by default; fp32 for a bundle without int8; fp16 on a GPU host, where
@@ -13,6 +14,10 @@ every ONNX server runs on CUDA — benchmarks/gpu_check.sh):
   onnx-threadpool-V         minimal FastAPI endpoint, one session.run per request (benchmarks/peers)
   torch-eager               hand-written FastAPI + PyTorch eager server of the run's checkpoint
   litserve-V                LitServe with dynamic batching serving the same ONNX bundle
+  service-V@NAME            this service serving variant V of another bundle, default settings: one per
+                            `--compare NAME=BUNDLE`, always measured together with service-V, and its notes/s
+                            compared with service-V's at each concurrency (issue #19: a smaller or
+                            quantization-aware student against today's default)
 
 Each cell runs `concurrency` clients, each sending one KTAS note per request and the next as soon as
 the answer arrives, for --seconds (at most --max-requests requests per slice). Every server runs for
@@ -26,7 +31,9 @@ sensitive than throughput to other work on the machine. The client shares the ma
 the server; its CPU share is printed per cell.
 
 First, the model alone (variant V, in this process, no HTTP) is timed at batch 1 and 32: its ratio is the
-most that batching can gain on this machine. On a shared machine figures are indicative.
+most that batching can gain on this machine. The ONNX servers load the bundle as this process does, so the
+provider it runs on (CUDA or CPU) is theirs; the GPU goals (batching and peer gains at concurrency 32) are
+judged only when that is CUDA. On a shared machine figures are indicative.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.bundle import load_bundle, read_manifest
+from app.bundle import CUDA, load_bundle, read_manifest
 from app.inference import NoteClassifier
 from benchmarks.http_client import TRANSPORT_ERRORS, HttpClient
 from benchmarks.servers import (
@@ -65,7 +72,7 @@ from training.data.ktas import load_ktas
 
 CONCURRENCIES = (1, 8, 32, 64)
 RATIO_CONCURRENCY = 32
-GOAL_BATCHING_GAIN, GOAL_PEER_GAIN = 4.0, 1.2
+GPU_GOAL_BATCHING_GAIN, GPU_GOAL_PEER_GAIN = 4.0, 1.2  # issue #17, for a GPU host
 WARM_UP_CONCURRENCY = 8
 CEILING_BATCH_SIZES = (1, 32)
 CEILING_SECONDS = 5.0
@@ -126,10 +133,15 @@ class Roles:
     """Which servers the ratios compare, for ONNX variant `variant`."""
 
     variant: str
+    compared: tuple[str, ...] = ()  # NAME of each --compare NAME=BUNDLE
 
     @property
     def service(self) -> str:
         return f"service-{self.variant}"
+
+    @property
+    def compared_services(self) -> tuple[str, ...]:
+        return tuple(f"{self.service}@{name}" for name in self.compared)
 
     @property
     def no_batching(self) -> tuple[str, ...]:
@@ -141,7 +153,9 @@ class Roles:
         return "torch-eager", f"litserve-{self.variant}"
 
 
-def server_specs(bundle: Path, variant: str, checkpoint: Path, threads: int) -> dict[str, ServerSpec]:
+def server_specs(
+    bundle: Path, variant: str, checkpoint: Path, threads: int, compared: list[tuple[str, Path]]
+) -> dict[str, ServerSpec]:
     onnx_peer = ["--bundle", str(bundle), "--variant", variant, "--threads", str(threads)]
     max_tokens = read_manifest(bundle).max_input_tokens
     specs = [
@@ -172,14 +186,23 @@ def server_specs(bundle: Path, variant: str, checkpoint: Path, threads: int) -> 
             threads,
         ),
         ServerSpec(f"litserve-{variant}", [PYTHON, "-m", "benchmarks.peers.litserve_onnx", *onnx_peer], threads),
+        *(
+            ServerSpec(
+                f"service-{variant}@{name}", service_argv(other, variant, threads), threads, SERVICE_METRICS_PATH
+            )
+            for name, other in compared
+        ),
     ]
     return {spec.name: spec for spec in specs}  # with variant fp32, service-fp32 appears once
 
 
-def model_ceiling(bundle: Path, variant: str, threads: int, notes: list[str], seconds: float) -> dict[int, float]:
-    """Notes/s of the service's model run alone (in this process, no HTTP) per batch size: the most
-    that batching can gain on this machine."""
-    classifier = NoteClassifier.from_bundle(load_bundle(bundle, variant, threads))
+def model_ceiling(
+    bundle: Path, variant: str, threads: int, notes: list[str], seconds: float
+) -> tuple[str, dict[int, float]]:
+    """The execution provider the service's model runs on, and its notes/s alone (in this process, no HTTP) per
+    batch size: the most that batching can gain on this machine."""
+    loaded = load_bundle(bundle, variant, threads)
+    classifier = NoteClassifier.from_bundle(loaded)
     token_ids = [note.ids for note in classifier.encode(notes)]
     rates = {}
     for size in CEILING_BATCH_SIZES:
@@ -189,7 +212,7 @@ def model_ceiling(bundle: Path, variant: str, threads: int, notes: list[str], se
         while time.perf_counter() - started < seconds:
             done += len(classifier.predict(next(batches)))
         rates[size] = done / (time.perf_counter() - started)
-    return rates
+    return loaded.providers[0], rates
 
 
 def batch_totals(metrics_url: str) -> tuple[float, float]:
@@ -292,8 +315,9 @@ def markdown_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def ratio_lines(cells: list[Cell], roles: Roles) -> list[str]:
-    """This service against no batching and against the best peer, at RATIO_CONCURRENCY."""
+def ratio_lines(cells: list[Cell], roles: Roles, on_gpu: bool) -> list[str]:
+    """This service against no batching and against the best peer, at RATIO_CONCURRENCY; the goals of these
+    ratios are a GPU host's, judged only `on_gpu`."""
     at = {cell.server: cell for cell in cells if cell.concurrency == RATIO_CONCURRENCY}
     service = at.get(roles.service)
     if service is None:
@@ -302,26 +326,50 @@ def ratio_lines(cells: list[Cell], roles: Roles) -> list[str]:
     for name in roles.no_batching:
         if name in at:
             gain = service.notes_per_s / at[name].notes_per_s
+            met = gain >= GPU_GOAL_BATCHING_GAIN
+            goal = f" (GPU goal >= {GPU_GOAL_BATCHING_GAIN:g}x: {'met' if met else 'NOT met'})"
             lines.append(
-                f"- {roles.service} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s "
-                f"(goal >= {GOAL_BATCHING_GAIN:g}x: {'met' if gain >= GOAL_BATCHING_GAIN else 'NOT met'})"
+                f"- {roles.service} / {name} at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s{goal if on_gpu else ''}"
             )
     peers = [at[name] for name in roles.peers if name in at]
     if peers:
         best = max(peers, key=lambda cell: cell.notes_per_s)
         gain = service.notes_per_s / best.notes_per_s
-        p99_ok = service.latency_ms(99) <= best.latency_ms(99)
-        met = gain >= GOAL_PEER_GAIN and p99_ok
+        met = gain >= GPU_GOAL_PEER_GAIN and service.latency_ms(99) <= best.latency_ms(99)
+        goal = f" (GPU goal >= {GPU_GOAL_PEER_GAIN:g}x at equal or better p99: {'met' if met else 'NOT met'})"
         lines.append(
             f"- {roles.service} / best peer ({best.server}) at c={RATIO_CONCURRENCY}: {gain:.2f}x notes/s, "
-            f"p99 {service.latency_ms(99):.1f} ms vs {best.latency_ms(99):.1f} ms "
-            f"(goal >= {GOAL_PEER_GAIN:g}x at equal or better p99: {'met' if met else 'NOT met'})"
+            f"p99 {service.latency_ms(99):.1f} ms vs {best.latency_ms(99):.1f} ms{goal if on_gpu else ''}"
         )
+    if lines and not on_gpu:
+        lines.append("(the goals of these ratios are a GPU host's; they do not apply to this CPU run)")
+    return lines
+
+
+def comparison_lines(cells: list[Cell], roles: Roles) -> list[str]:
+    """Each compared bundle's service against this bundle's, at every concurrency measured."""
+    by_server = {(cell.server, cell.concurrency): cell for cell in cells}
+    lines = []
+    for name in roles.compared_services:
+        ratios = [
+            f"c={cell.concurrency} {cell.notes_per_s / by_server[roles.service, cell.concurrency].notes_per_s:.2f}x"
+            for cell in cells
+            if cell.server == name
+        ]
+        lines.append(f"- {name} / {roles.service}: notes/s {', '.join(ratios)}")
     return lines
 
 
 def _progress(message: str) -> None:
     print(message, flush=True)
+
+
+def named_bundle(text: str) -> tuple[str, Path]:
+    """`NAME=BUNDLE` of --compare."""
+    name, equals, bundle = text.partition("=")
+    if not (name and equals and bundle):
+        raise argparse.ArgumentTypeError(f"expected NAME=BUNDLE, got {text!r}")
+    return name, Path(bundle)
 
 
 def parse_args() -> argparse.Namespace:
@@ -339,6 +387,14 @@ def parse_args() -> argparse.Namespace:
         help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8; fp16 on a GPU host).",
     )
     parser.add_argument("--servers", nargs="+", help="Servers to measure (default: all, see above).")
+    parser.add_argument(
+        "--compare",
+        type=named_bundle,
+        action="append",
+        default=[],
+        metavar="NAME=BUNDLE",
+        help="Another bundle, served as service-V@NAME and compared with service-V (repeatable).",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     parser.add_argument("--seconds", type=float, default=24.0, help="Duration of each cell (all rounds together).")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds each cell is split into.")
@@ -347,6 +403,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="Intra-op threads of every server's model runtime.")
     parser.add_argument("--log-dir", type=Path, help="Where server logs go (default: a temporary directory).")
     args = parser.parse_args()
+    names = [name for name, _ in args.compare]
+    if len(set(names)) < len(names):
+        parser.error(f"--compare names {names}: give each bundle its own NAME")
+    for name, bundle in args.compare:
+        variant = read_manifest(bundle).variants.get(args.variant)
+        if variant is None or not variant.kept:
+            parser.error(f"--compare {name}={bundle}: that bundle has no kept {args.variant} variant")
     if args.checkpoint is None:
         args.checkpoint = Path(read_manifest(args.bundle).source_run) / "checkpoints" / "best-auroc"
     return args
@@ -354,11 +417,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    specs = server_specs(args.bundle, args.variant, args.checkpoint, args.threads)
+    roles = Roles(args.variant, tuple(name for name, _ in args.compare))
+    specs = server_specs(args.bundle, args.variant, args.checkpoint, args.threads, args.compare)
     args.servers = args.servers or list(specs)
     unknown = sorted(set(args.servers) - set(specs))
     if unknown:
         raise SystemExit(f"unknown server(s) {unknown}; choose from {sorted(specs)}")
+    if args.compare:
+        args.servers += [name for name in (roles.service, *roles.compared_services) if name not in args.servers]
     notes = load_ktas().texts
     bodies = [json_body(str(position), text) for position, text in enumerate(notes)]
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="serve_load-"))
@@ -367,9 +433,9 @@ def main() -> None:
         f"{len(notes)} KTAS notes; bundle {args.bundle}; {os.cpu_count()} CPUs; {args.seconds:g} s per cell; "
         f"threads {args.threads}; server logs in {log_dir}"
     )
-    ceiling = model_ceiling(args.bundle, args.variant, args.threads, notes, CEILING_SECONDS)
+    provider, ceiling = model_ceiling(args.bundle, args.variant, args.threads, notes, CEILING_SECONDS)
     _progress(
-        f"model alone ({args.variant}, in-process, no HTTP): "
+        f"model alone ({args.variant} on {provider}, in-process, no HTTP): "
         + ", ".join(f"batch {size}: {rate:.1f} notes/s" for size, rate in ceiling.items())
         + f"; batching gain ceiling {ceiling[max(ceiling)] / ceiling[min(ceiling)]:.2f}x"
     )
@@ -377,7 +443,7 @@ def main() -> None:
     print()
     print(markdown_table(cells))
     print()
-    print("\n".join(ratio_lines(cells, Roles(args.variant))))
+    print("\n".join([*ratio_lines(cells, roles, on_gpu=provider == CUDA), *comparison_lines(cells, roles)]))
 
 
 if __name__ == "__main__":
