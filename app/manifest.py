@@ -17,8 +17,19 @@ class Strict(BaseModel):
 
 class Encoders(Strict):
     student: str = Field(description="The student encoder the model was fine-tuned from.")
-    teacher: str | None = Field(None, description="The domain teacher distilled into the student, if any.")
-    method: str = Field(description="Training method: base, mlkd or ensemble.")
+    teacher: str | None = Field(
+        None,
+        description="The teacher distilled into the student, if any: a domain encoder (mlkd, ensemble) or a "
+        "fine-tuned classifier with the student's tokenizer (layer-kd).",
+    )
+    method: str = Field(description="Training method: base, mlkd, ensemble or layer-kd.")
+    layers: int | None = Field(None, gt=0, description="Encoder layers of the model (None: not recorded).")
+    student_layers: int | None = Field(
+        None, gt=0, description="fit --student-layers: the layers kept of the student it started from (None: all)."
+    )
+    quantization_aware: bool = Field(
+        False, description="Fine-tuned with fake int8 quantization of every matrix product (fit --quantization-aware)."
+    )
 
 
 class Decision(Strict):
@@ -134,6 +145,11 @@ class Manifest(Strict):
     )
     variants: dict[str, Variant] = Field(description="ONNX files by variant name: fp32, int8, fp16.")
     tokenizer_files: dict[str, str] = Field(description="sha256 of each tokenizer file.")
+    int8_matmuls: Literal["all", "except-ffn-down"] | None = Field(
+        None,
+        description="Which MatMuls the int8 variant quantizes: all, or all except the feed-forward "
+        "down-projections, kept fp32 (None: not recorded).",
+    )
     export_method: str = Field(description="optimum, or torch.onnx when optimum could not export the architecture.")
     library_versions: dict[str, str]
     recalibration: Recalibration | None = Field(

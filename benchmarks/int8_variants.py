@@ -38,9 +38,13 @@ from training.run_dir import RunDirectory
 Quantize = Callable[[Path, Path, NoteClassifier, list[str]], None]
 
 
-def static(keep_ffn_down: bool) -> Quantize:
+def static(keep_ffn_down: bool, round_outputs: bool = False) -> Quantize:
+    """Static int8 as the export makes it; `round_outputs`: ONNX Runtime's default QDQ placement instead (MatMul
+    outputs and the residual stream rounded too), the export's until issue #19."""
+
     def quantize(fp32: Path, out: Path, fp32_classifier: NoteClassifier, calibration_texts: list[str]) -> None:
-        quantize_int8(fp32, out, fp32_classifier, calibration_texts, keep_fp32=FFN_DOWN if keep_ffn_down else None)
+        keep = FFN_DOWN if keep_ffn_down else None
+        quantize_int8(fp32, out, fp32_classifier, calibration_texts, keep_fp32=keep, round_outputs=round_outputs)
 
     return quantize
 
@@ -69,8 +73,10 @@ def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
 
 
 WAYS: dict[str, Quantize] = {
-    "export: static, FFN down-projections fp32": static(keep_ffn_down=True),
-    "static, every MatMul int8": static(keep_ffn_down=False),
+    "export: static, every MatMul int8": static(keep_ffn_down=False),
+    "static, FFN down-projections fp32": static(keep_ffn_down=True),
+    "static, outputs rounded too, FFN down-projections fp32": static(keep_ffn_down=True, round_outputs=True),
+    "static, outputs rounded too, every MatMul int8": static(keep_ffn_down=False, round_outputs=True),
     "dynamic, FFN down-projections fp32": dynamic(keep_ffn_down=True),
     "dynamic, every MatMul int8": dynamic(keep_ffn_down=False),
     "BERT fusions + dynamic, every MatMul int8": dynamic(keep_ffn_down=False, fused=True),

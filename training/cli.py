@@ -24,6 +24,7 @@ from training.config import (
     DataFormat,
     DistillArguments,
     EvalArguments,
+    Int8MatMuls,
     ModelArguments,
     PretrainArguments,
     RenderStyle,
@@ -137,6 +138,13 @@ def export(
     quantize_embeddings: Annotated[
         bool, typer.Option(help="Store the int8 variant's embedding tables in int8 too.")
     ] = True,
+    int8_matmuls: Annotated[
+        Int8MatMuls,
+        typer.Option(
+            help="MatMuls the int8 variant quantizes: all, or except-ffn-down (the feed-forward down-projections "
+            "stay fp32, slower but closer to fp32 for a model whose GELU outputs have large outliers)."
+        ),
+    ] = "all",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
 ) -> None:
     """Export a run's best checkpoint as an ONNX model bundle (fp32, int8, fp16) checked against PyTorch; a run
@@ -157,6 +165,7 @@ def export(
             parity_atol=parity_atol,
             batch_shift_atol=batch_shift_atol,
             quantize_embeddings=quantize_embeddings,
+            int8_matmuls=int8_matmuls,
             overwrite=overwrite,
         )
         tracker.log_bundle(bundle)

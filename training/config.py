@@ -40,6 +40,7 @@ __all__ = [
     "DistillArguments",
     "EvalArguments",
     "HiddenLoss",
+    "Int8MatMuls",
     "LayerMap",
     "Method",
     "ModelArguments",
@@ -56,7 +57,7 @@ __all__ = [
     "parse_layer_map",
 ]
 
-Method = Literal["base", "mlkd", "ensemble"]
+Method = Literal["base", "mlkd", "ensemble", "layer-kd"]
 SelectMetric = Literal["auroc", "brier", "loss", "f1"]  # the validation metrics a best checkpoint is kept for
 ThresholdPolicy = Literal["prevalence", "fixed-0.5", "target-sensitivity"]
 CalibrationMethod = Literal["auto", "none", "temperature", "platt"]
@@ -69,6 +70,7 @@ AttentionHeads = Literal["mean", "by-index"]
 ReportTo = Literal["none", "tensorboard", "mlflow"]  # experiment trackers (training/tracking.py)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # of training steps (training/precision.py)
 LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counted from 1
+Int8MatMuls = Literal["all", "except-ffn-down"]  # what `export` quantizes in the int8 variant
 
 METHODS: tuple[Method, ...] = get_args(Method)
 SELECT_METRICS: tuple[SelectMetric, ...] = get_args(SelectMetric)
@@ -248,7 +250,19 @@ class ModelArguments:
         metadata={"help": "Student encoder: a shortcut (e5-small, minilm-l6), a local directory, or a hub id."},
     )
     teacher: str | None = field(
-        default=None, metadata={"help": "Frozen domain teacher for mlkd/ensemble: shortcut, local directory or hub id."}
+        default=None,
+        metadata={
+            "help": "Frozen teacher: for mlkd/ensemble a domain encoder (shortcut, local directory or hub id); for "
+            "layer-kd a fine-tuned classifier with the student's tokenizer (a checkpoint directory of a run)."
+        },
+    )
+    student_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only this many of the student's encoder layers, spread uniformly and ending on its last "
+            "(6 of 12: layers 2, 4, .., 12), each initialised from the layer it replaces: a smaller, faster "
+            "student, e.g. for --method layer-kd from the fine-tuned full-depth model. Default: all."
+        },
     )
     max_length: int = field(
         default=384,
@@ -260,6 +274,7 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         _at_least(self, 2, "max_length")  # room for the special tokens and one word
+        _at_least(self, 1, "student_layers")
 
 
 @dataclass
@@ -268,7 +283,9 @@ class TrainingArguments:
     method: Method = field(
         default="base",
         metadata={
-            "help": "base (plain fine-tuning), mlkd (DSG-KD) or ensemble (DSG-KD with teacher-student logit ensemble)."
+            "help": "base (plain fine-tuning), mlkd (DSG-KD), ensemble (DSG-KD with teacher-student logit "
+            "ensemble), or layer-kd (distillation from a fine-tuned --teacher with the same tokenizer: logits, "
+            "hidden states and attention maps token by token, on the --layer-map pairs)."
         },
     )
     epochs: int = field(default=10, metadata={"help": "Maximum number of epochs."})
@@ -315,6 +332,16 @@ class TrainingArguments:
         },
     )
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch (default: torch's choice)."})
+    quantization_aware: bool = field(
+        default=False,
+        metadata={
+            "help": "Quantization-aware fine-tuning: every matrix product runs on int8-rounded inputs and weights "
+            "(fake quantization, as the bundle's static int8 graph computes them: weights per output channel, "
+            "activation ranges taken on the first training notes at the start of each epoch), so that the "
+            "exported int8 variant quantizes every MatMul, the feed-forward down-projections included. Meant "
+            "for a short final run whose --student is a trained checkpoint."
+        },
+    )
     freeze_embeddings: bool = field(
         default=False,
         metadata={
@@ -420,8 +447,9 @@ class DistillArguments:
     logit_weight: float | None = field(
         default=None,
         metadata={
-            "help": "Weight of logit distillation; default: the method's (mlkd 0, ensemble 1). mlkd with a weight "
-            "above 0 needs a teacher fine-tuned with a two-label classification head; 0 turns ensemble's term off."
+            "help": "Weight of logit distillation; default: the method's (mlkd 0, ensemble 1, layer-kd 1). mlkd "
+            "with a weight above 0 needs a teacher fine-tuned with a two-label classification head; 0 turns "
+            "ensemble's term off."
         },
     )
     temperature: float = field(default=2.0, metadata={"help": "Temperature of logit distillation."})
@@ -429,7 +457,8 @@ class DistillArguments:
         default=True,
         metadata={
             "help": "Compute the frozen teacher's word features once per dataset, on disk (--teacher-cache-dir), "
-            "and reuse them every epoch and in every later run with the same notes, teacher and options."
+            "and reuse them every epoch and in every later run with the same notes, teacher and options "
+            "(mlkd, ensemble; layer-kd's teacher runs on every batch)."
         },
     )
     teacher_cache_dir: str | None = field(
@@ -450,11 +479,12 @@ class DistillArguments:
         parse_layer_map(self.layer_map)
 
     def logit_weight_for(self, method: Method) -> float:
-        """--logit-weight, else the method's default: 1 for ensemble, whose ensemble target is what the method adds;
-        0 for mlkd, whose teacher is usually MLM-pretrained and has no trained classification head."""
+        """--logit-weight, else the method's default: 1 for ensemble, whose ensemble target is what the method adds,
+        and for layer-kd, whose teacher is a fine-tuned classifier; 0 for mlkd, whose teacher is usually
+        MLM-pretrained and has no trained classification head."""
         if self.logit_weight is not None:
             return self.logit_weight
-        return 1.0 if method == "ensemble" else 0.0
+        return 1.0 if method in ("ensemble", "layer-kd") else 0.0
 
     @property
     def layer_pairs(self) -> LayerMap | None:
@@ -501,7 +531,7 @@ def check_fit_options(
     """Checks across the option groups of `fit` (each group checks itself when built)."""
     if training.method != "base" and not model.teacher:
         raise ConfigError(f"--method {training.method} needs --teacher")
-    if training.method != "base" and distill.teacher_cache and data.render == "mixed":
+    if training.method in ("mlkd", "ensemble") and distill.teacher_cache and data.render == "mixed":
         raise ConfigError(
             "--render mixed re-draws the training notes every epoch, but --teacher-cache keeps the teacher's "
             "features of fixed notes: pass --no-teacher-cache (the teacher then runs on each epoch's notes)"

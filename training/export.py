@@ -43,14 +43,15 @@ from app.bundle import (
 )
 from app.inference import NoteClassifier, calibrated_probability
 from app.manifest import Calibration, Decision, Encoders, Manifest, Probes, Variant
-from training.config import SelectMetric
+from training.config import Int8MatMuls, SelectMetric
 from training.data.examples import Examples
 from training.data.loading import load_parts
 from training.model_card import write_model_card
 from training.modeling import load_student, position_limit
 from training.modeling import load_tokenizer as load_hf_tokenizer
-from training.onnx_variants import ExportError, convert_fp16, export_fp32, quantize_int8
+from training.onnx_variants import FFN_DOWN, ExportError, convert_fp16, export_fp32, quantize_int8
 from training.probe_notes import PROBE_BATCH_SIZE, PROBE_NOTES
+from training.quantization import CALIBRATION_NOTES  # held-out notes stay unseen, as they judge the variants
 from training.run_dir import RunDirectory
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,6 @@ MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.f
 EXTRA_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tokenizers")
 PARITY_BATCH_SIZE = 32
-# int8's activation ranges are taken on the first training notes: enough to cover the ranges, few enough
-# to calibrate in seconds; held-out notes stay unseen, as they judge the variant.
-CALIBRATION_NOTES = 256
 # A variant's tolerance on the probe notes at start is the largest difference the export saw (on the held-out and
 # the probe notes) plus this room for another provider's arithmetic: fp16 on CUDA computes in fp16 where the CPU
 # provider computes in fp32, and a GPU's kernels sum in another order. A broken run (NaN, a wrong library, a
@@ -79,11 +77,14 @@ def export_bundle(
     parity_atol: float = 1e-4,
     batch_shift_atol: float = 1e-3,
     quantize_embeddings: bool = True,
+    int8_matmuls: Int8MatMuls = "all",
     overwrite: bool = False,
 ) -> Path:
     """Build the bundle of `run_dir`'s `best-<metric>` checkpoint in `out_dir`; returns `out_dir`.
 
     `name` defaults to the name of `out_dir`, `version` to the UTC date plus the start of model.onnx's sha256.
+    `int8_matmuls`: which MatMuls the int8 variant quantizes (see `quantize_int8`): all, or all except the
+    feed-forward down-projections.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -93,7 +94,8 @@ def export_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         limits = Limits(tolerance, parity_atol, batch_shift_atol)
-        manifest = _build(staging, source, name or out_dir.name, version, limits, quantize_embeddings)
+        int8 = Int8Options(quantize_embeddings, int8_matmuls)
+        manifest = _build(staging, source, name or out_dir.name, version, limits, int8)
         staging.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -149,8 +151,14 @@ class Limits:
     batch_shift_atol: float
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    quantize_embeddings: bool
+    matmuls: Int8MatMuls
+
+
 def _build(
-    staging: Path, source: Source, name: str, version: str | None, limits: Limits, quantize_embeddings: bool
+    staging: Path, source: Source, name: str, version: str | None, limits: Limits, int8: Int8Options
 ) -> Manifest:
     held_out = [*source.parts["valid"].texts, *source.parts["test"].texts]
     model, hf_tokenizer = load_student(str(source.checkpoint)), load_hf_tokenizer(str(source.checkpoint))
@@ -180,7 +188,8 @@ def _build(
         staging / MODEL_FILES["int8"],
         fp32_classifier,
         source.parts["train"].texts[:CALIBRATION_NOTES],
-        quantize_embeddings,
+        int8.quantize_embeddings,
+        keep_fp32=None if int8.matmuls == "all" else FFN_DOWN,
     )
     convert_fp16(fp32_file, staging / MODEL_FILES["fp16"])
 
@@ -214,7 +223,12 @@ def _build(
         created_at=datetime.now(UTC),
         source_run=str(source.run_dir),
         encoders=Encoders(
-            student=config["model"]["student"], teacher=config["model"]["teacher"], method=config["training"]["method"]
+            student=config["model"]["student"],
+            teacher=config["model"]["teacher"],
+            method=config["training"]["method"],
+            layers=model.config.num_hidden_layers,
+            student_layers=config["model"].get("student_layers"),
+            quantization_aware=config["training"].get("quantization_aware", False),
         ),
         decision=source.decision,
         calibration=source.calibration,
@@ -224,6 +238,7 @@ def _build(
         test_metrics=_test_metrics(source.report, source.decision.policy),
         variants=variants,
         tokenizer_files=tokenizer_files,
+        int8_matmuls=int8.matmuls,
         export_method=export_method,
         library_versions=_library_versions(),
         probes=probes,

@@ -35,6 +35,7 @@ from training.objectives import CrossEntropyObjective, TrainingStep
 from training.parallel import Processes
 from training.precision import mixed_precision
 from training.predict import predict_proba
+from training.quantization import CALIBRATION_NOTES, QuantizationAware
 from training.resume import Progress, process_state, restore, save_state, start_or_resume
 from training.run_dir import RunDirectory
 from training.run_report import evaluate_run
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 def build_objective(method, model, tokenizer, model_args, distill_args, train_parts, device):
     if method == "base":
         return CrossEntropyObjective(tokenizer, model_args.max_length)
+    if method == "layer-kd":
+        from training.distill.layers import build_layer_distill_objective
+
+        return build_layer_distill_objective(model, tokenizer, model_args, distill_args, device)
     from training.distill.objective import build_distill_objective
 
     return build_distill_objective(method, model, tokenizer, model_args, distill_args, train_parts, device)
@@ -79,10 +84,15 @@ def fit(
 
     parts = load_parts(data_args, save_split=run.split_file if main and state is None else None)
     tokenizer = load_tokenizer(model_args.student)
-    attn = "sdpa" if train_args.method == "base" else "eager"  # distillation reads attention maps
-    model = to_device(load_student(model_args.student, attn_implementation=attn), device)
+    # distillation reads attention maps, and quantization-aware training rounds them
+    attn = "sdpa" if train_args.method == "base" and not train_args.quantization_aware else "eager"
+    model = to_device(load_student(model_args.student, attn, model_args.student_layers), device)
     if train_args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    quantization = None
+    if train_args.quantization_aware:
+        calibration = parts["train"].texts[:CALIBRATION_NOTES]
+        quantization = QuantizationAware(model, tokenizer, calibration, model_args.max_length, device)
     with processes.main_first():  # rank 0 builds the teacher cache, the others open it
         objective = build_objective(
             train_args.method, model, tokenizer, model_args, distill_args, parts["train"], device
@@ -127,6 +137,8 @@ def fit(
     for epoch in range(progress.epoch, train_args.epochs + 1):
         # --render mixed: every training note is re-drawn each epoch (validation keeps its fixed epoch-0 draw).
         collator.examples = parts["train"].for_epoch(epoch)
+        if quantization is not None:
+            quantization.calibrate()
         step_module.train()
         done = progress.epoch_steps * train_args.grad_accum  # batches a stopped session trained on
         # Collated here rather than by a DataLoader, whose every iterator draws a seed from the RNG a resumed

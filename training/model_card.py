@@ -29,17 +29,43 @@ def write_model_card(
     path.write_text(_card(manifest, data_config, parts, report, parity_notes), encoding="utf-8")
 
 
+def _shape(manifest: Manifest) -> list[str]:
+    encoders = manifest.encoders
+    if encoders.layers is None:
+        return []
+    kept = (
+        f" (kept of the student's layers: --student-layers {encoders.student_layers})"
+        if encoders.student_layers
+        else ""
+    )
+    aware = " Fine-tuned quantization-aware (fake int8 on every matrix product)." if encoders.quantization_aware else ""
+    return ["", f"{encoders.layers} encoder layers{kept}.{aware}"]
+
+
+def _int8_recipe(manifest: Manifest) -> list[str]:
+    recipe = {
+        "all": "every MatMul in int8",
+        "except-ffn-down": "every MatMul in int8 except the feed-forward down-projections, kept fp32",
+    }
+    if manifest.int8_matmuls is None:
+        return []
+    return ["", f"int8: static quantization, {recipe[manifest.int8_matmuls]}."]
+
+
 def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], report: dict, parity_notes: int) -> str:
     encoders, decision = manifest.encoders, manifest.decision
     level = report["bootstrap"]["level"]
     at_threshold = report["thresholds"][decision.policy]
     provenance = KTAS_PROVENANCE if is_ktas(data_config) else f"The data file `{Path(data_config['data']).name}`."
     teacher = f", distilling the domain teacher `{encoders.teacher}`" if encoders.teacher else ""
+    if encoders.method == "layer-kd":
+        teacher = f", distilling the fine-tuned classifier `{encoders.teacher}` layer by layer"
     lines = [
         f"# {manifest.name} {manifest.version}",
         "",
         f"Classifies an emergency-department triage note as **emergency** or **non-emergency**. Student encoder "
         f"`{encoders.student}`, trained with method `{encoders.method}`{teacher}; source run `{manifest.source_run}`.",
+        *_shape(manifest),
         "",
         "## Intended use",
         "",
@@ -91,6 +117,7 @@ def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], rep
         "",
         "Batch shift: the largest change of a note's P(emergency) between scoring it alone and in a batch of 32; "
         "the service batches notes of concurrent requests together.",
+        *_int8_recipe(manifest),
         "",
         "## Known limitations",
         "",

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerFast
 
 from training.data.examples import LABEL_NAMES
+from training.errors import ConfigError
 from training.pretrained import resolve_model
 
 HEAD_PREFIXES = ("classifier", "pooler", "score")
@@ -39,15 +40,38 @@ def position_limit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -
     return int(min(config.max_position_embeddings - offset, tokenizer.model_max_length))
 
 
-def load_student(name_or_path: str, attn_implementation: str = "sdpa") -> PreTrainedModel:
-    """Load an encoder with a 2-label head; `attn_implementation='eager'` when attention maps are needed."""
-    return AutoModelForSequenceClassification.from_pretrained(
+def load_student(name_or_path: str, attn_implementation: str = "sdpa", layers: int | None = None) -> PreTrainedModel:
+    """Load an encoder with a 2-label head; `attn_implementation='eager'` when attention maps are needed;
+    `layers`: keep only that many encoder layers (`keep_layers`)."""
+    model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(name_or_path),
         num_labels=len(LABEL_NAMES),
         id2label=dict(enumerate(LABEL_NAMES)),
         label2id={name: i for i, name in enumerate(LABEL_NAMES)},
         attn_implementation=attn_implementation,
     )
+    if layers is not None:
+        keep_layers(model, layers)
+    return model
+
+
+def kept_layers(depth: int, layers: int) -> list[int]:
+    """Which of `depth` layers (counted from 1) a `layers`-deep copy keeps: spread uniformly, ending on the last,
+    as `training.distill.uniform_layer_map` pairs them (12 -> 6: 2, 4, .., 12; 12 -> 4: 3, 6, 9, 12)."""
+    return [k * depth // layers for k in range(1, layers + 1)]
+
+
+def keep_layers(model: PreTrainedModel, layers: int) -> None:
+    """Drop encoder layers in place, keeping `kept_layers` with their weights; the config follows, so that a saved
+    checkpoint loads as the smaller model."""
+    encoder = getattr(model.base_model, "encoder", None)
+    stack = getattr(encoder, "layer", None)
+    if encoder is None or not isinstance(stack, torch.nn.ModuleList):
+        raise ConfigError(f"--student-layers: {type(model).__name__} has no encoder.layer stack to take layers from")
+    if layers > len(stack):
+        raise ConfigError(f"--student-layers {layers}: the student has only {len(stack)} layers")
+    encoder.layer = torch.nn.ModuleList([stack[i - 1] for i in kept_layers(len(stack), layers)])
+    model.config.num_hidden_layers = layers
 
 
 def is_head_parameter(model: PreTrainedModel, name: str) -> bool:

@@ -26,6 +26,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from app.inference import NoteClassifier
+from training.quantization import CALIBRATION_BATCH_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ TORCH_ONNX_OPSET = 17
 # Node names of the exported BERT-style graph (optimum and torch.onnx alike): `.../layer.3/output/dense/MatMul`
 # is layer 3's feed-forward down-projection; `.../layer.3/attention/output/dense/MatMul` does not match.
 FFN_DOWN = re.compile(r"/layer\.\d+/output/dense/")
-CALIBRATION_BATCH_SIZE = 16
 
 
 class ExportError(RuntimeError):
@@ -118,7 +118,8 @@ def quantize_int8(
     fp32_classifier: NoteClassifier,
     calibration_texts: Sequence[str],
     quantize_embeddings: bool = True,
-    keep_fp32: re.Pattern[str] | None = FFN_DOWN,
+    keep_fp32: re.Pattern[str] | None = None,
+    round_outputs: bool = False,
 ) -> None:
     """Static int8 quantization (QDQ): int8 weights with one scale per output channel, and int8 activations
     whose scales are fixed beforehand from the value ranges seen on `calibration_texts` (e.g. training
@@ -127,11 +128,19 @@ def quantize_int8(
     Static, not dynamic: dynamic quantization picks each activation's scale at run time from the whole
     batch, so a note's P(emergency) depended on the notes it shared a batch with (e5-small KTAS student:
     by up to 0.11 between scoring a note alone and in a batch of 32); with fixed scales a note's result is
-    the same in any batch. MatMuls whose name matches `keep_fp32` stay fp32; by default the feed-forward
-    down-projections (`layer.N/output/dense`), whose input is the GELU output, whose few large outliers make
-    one activation scale too coarse for the rest (with them in int8, mean |dP| against fp32 rose from 0.014
-    to 0.11). With `quantize_embeddings` the embedding tables (Gather) are stored in int8 too, their outputs
-    left in fp32: e5-small's 250k-token vocabulary then takes 4x less room.
+    the same in any batch.
+
+    Only what a MatMul (or Gemm) reads is rounded to int8: its weights and its input activations. Its output
+    stays fp32, and each rounded input gets its own quantize/dequantize pair, so that other readers of the same
+    tensor (the residual connections that read a LayerNorm's output) read it unrounded. ONNX Runtime's default
+    (`round_outputs`, kept for comparison in benchmarks/int8_variants.py) also rounds every MatMul's output and
+    the residual stream at each LayerNorm: on the default e5-small bundle, with every MatMul in int8, mean |dP|
+    against fp32 on validation notes was 0.044 that way and 0.008 this way, which also ran faster (the int8
+    kernels write fp32 directly). `training.quantization` fakes exactly this rounding for quantization-aware
+    fine-tuning. MatMuls whose name matches `keep_fp32` stay fp32 (e.g. `FFN_DOWN`, the feed-forward
+    down-projections, whose GELU input has a few large outliers). With `quantize_embeddings` the embedding
+    tables (Gather) are stored in int8 too, their outputs left in fp32: e5-small's 250k-token vocabulary then
+    takes 4x less room.
     """
     graph = onnx.load(str(fp32_file), load_external_data=False).graph
     calibration = (
@@ -158,8 +167,37 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             nodes_to_exclude=kept_fp32,
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"OpTypesToExcludeOutputQuantization": ["Gather"]},
+            extra_options={
+                "OpTypesToExcludeOutputQuantization": ["Gather"] if round_outputs else ["Gather", "MatMul", "Gemm"]
+            },
         )
+    if not round_outputs:
+        _unround_other_readers(out_file)
+
+
+def _unround_other_readers(model_file: Path) -> None:
+    """Give every reader of a rounded activation other than a MatMul or Gemm (residual additions, the embeddings'
+    sum) the unrounded tensor, and drop the quantize/dequantize pairs no one reads any more."""
+    model = onnx.load(str(model_file))
+    nodes = model.graph.node
+    rounded = {node.output[0]: node.input[0] for node in nodes if node.op_type == "QuantizeLinear"}
+    unrounded = {
+        node.output[0]: rounded[node.input[0]]
+        for node in nodes
+        if node.op_type == "DequantizeLinear" and node.input[0] in rounded
+    }
+    for node in nodes:
+        if node.op_type not in ("MatMul", "Gemm"):
+            for index, name in enumerate(node.input):
+                node.input[index] = unrounded.get(name, name)
+    read = {name for node in nodes for name in node.input}
+    pairs = [node for node in nodes if node.op_type == "DequantizeLinear" and node.input[0] in rounded]
+    for dequantize in [node for node in pairs if node.output[0] not in read]:
+        nodes.remove(dequantize)
+    read = {name for node in nodes for name in node.input}
+    for quantize in [node for node in nodes if node.op_type == "QuantizeLinear" and node.output[0] not in read]:
+        nodes.remove(quantize)
+    onnx.save(model, str(model_file))
 
 
 class _Batches(CalibrationDataReader):

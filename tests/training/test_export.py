@@ -16,12 +16,13 @@ from app.manifest import Calibration, Manifest
 from training.cli import app
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.data.loading import load_parts
-from training.export import PROBE_ROOM, ExportError, export_bundle
+from training.export import PROBE_ROOM, ExportError, export_bundle, torch_margins
 from training.fit import fit
 from training.modeling import load_student, load_tokenizer
 from training.onnx_variants import FFN_DOWN, quantize_int8
 from training.predict import predict_proba
 from training.probe_notes import PROBE_NOTES
+from training.quantization import CALIBRATION_NOTES, QuantizationAware
 from training.run_dir import RunDirectory
 
 CPU = ["CPUExecutionProvider"]
@@ -115,11 +116,11 @@ def int8_file(bundle, parts, tmp_path_factory):
         create_session(fp32_file, CPU), load_bundle_tokenizer(bundle / "tokenizer.json"), MAX_TOKENS
     )
     out_file = tmp_path_factory.mktemp("int8") / "int8.onnx"
-    quantize_int8(fp32_file, out_file, fp32_classifier, parts["train"].texts)
+    quantize_int8(fp32_file, out_file, fp32_classifier, parts["train"].texts, keep_fp32=FFN_DOWN)
     return out_file
 
 
-def test_int8_quantizes_every_matmul_but_the_feed_forward_down_projections(int8_file):
+def test_int8_can_keep_the_feed_forward_down_projections_in_fp32(int8_file):
     graph = onnx.load(str(int8_file)).graph
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     int8_inputs = {
@@ -289,3 +290,78 @@ def test_cli_export_refuses_to_overwrite_a_bundle(tmp_path, tiny_run, bundle):
     result = CliRunner().invoke(app, ["export", "--run", str(tiny_run), "--out", str(bundle)])
     assert result.exit_code == 2
     assert "already exists" in result.output
+
+
+@pytest.fixture(scope="module")
+def quantization_aware_run(tiny_run, tmp_path_factory):
+    """A short quantization-aware fine-tuning of the tiny run's best checkpoint (SYNTHETIC notes)."""
+    run = RunDirectory(tiny_run)
+    return fit(
+        run.data_arguments(),
+        ModelArguments(student=str(run.checkpoint("auroc")), max_length=MAX_TOKENS),
+        TrainingArguments(
+            out=str(tmp_path_factory.mktemp("qat") / "run"),
+            epochs=1,
+            batch_size=16,
+            encoder_lr=1e-4,
+            seed=1,
+            quantization_aware=True,
+        ),
+        DistillArguments(),
+        EvalArguments(bootstrap=20),
+    )
+
+
+@pytest.fixture(scope="module")
+def quantization_aware_bundle(quantization_aware_run, tmp_path_factory):
+    # the tolerance keeps int8 whatever its AUROC on the tiny model, so that it can be compared below
+    return export_bundle(quantization_aware_run, tmp_path_factory.mktemp("bundles") / "qat", tolerance=1.0)
+
+
+def test_int8_rounds_what_every_matmul_reads_and_nothing_else(bundle, quantization_aware_bundle):
+    """Weights and input activations of every MatMul and Gemm in int8; their outputs, and the residual stream
+    that reads the same LayerNorm outputs, in fp32."""
+    assert load_bundle(bundle).manifest.int8_matmuls == "all"  # the default
+    manifest = load_bundle(quantization_aware_bundle).manifest  # its int8 is kept whatever its AUROC
+    graph = onnx.load(str(quantization_aware_bundle / manifest.variants["int8"].file)).graph
+    dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
+    matmuls = [node for node in graph.node if node.op_type in ("MatMul", "Gemm")]
+    assert len(matmuls) >= 2 * 8 and all(all(name in dequantized for name in node.input[:2]) for node in matmuls)
+    readers = {node.op_type for node in graph.node if dequantized & set(node.input)}
+    assert readers == {"MatMul", "Gemm", "Gather"}  # Gather: the int8 embedding tables
+    quantized = {node.input[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    producers = {node.op_type for node in graph.node if quantized & set(node.output)}
+    assert not producers & {"MatMul", "Gemm"}  # no output is rounded
+
+
+def test_a_quantization_aware_run_is_described_as_such(quantization_aware_bundle, bundle):
+    manifest = load_bundle(quantization_aware_bundle).manifest
+    assert manifest.int8_matmuls == "all" and manifest.variants["int8"].kept
+    assert manifest.encoders.quantization_aware and manifest.encoders.layers == 2
+    card = (quantization_aware_bundle / "MODEL_CARD.md").read_text()
+    assert "Fine-tuned quantization-aware" in card and "every MatMul in int8." in card
+    assert not load_bundle(bundle).manifest.encoders.quantization_aware
+
+
+def test_the_quantization_aware_student_computes_what_its_int8_graph_computes(tiny_run, bundle, parts, tmp_path):
+    """The fake quantization of quantization-aware training rounds what the int8 graph rounds, as it does: the
+    fake-quantized PyTorch model is far closer to the int8 graph than the same model in float is."""
+    calibration = parts["train"].texts[:CALIBRATION_NOTES]
+    fp32 = NoteClassifier(
+        create_session(bundle / "model.onnx", CPU), load_bundle_tokenizer(bundle / "tokenizer.json"), 512
+    )
+    quantize_int8(bundle / "model.onnx", tmp_path / "int8.onnx", fp32, calibration)
+    int8 = fp32.with_session(create_session(tmp_path / "int8.onnx", CPU))
+    checkpoint = RunDirectory(tiny_run).checkpoint("auroc")
+    texts = parts["valid"].texts
+    float_margins = torch_margins(load_student(str(checkpoint), "eager"), int8, texts)
+    student = load_student(str(checkpoint), "eager")
+    QuantizationAware(student, load_tokenizer(str(checkpoint)), calibration, MAX_TOKENS, "cpu").calibrate()
+    rounded_margins = torch_margins(student, int8, texts)
+    int8_margins = int8.predict_margins(texts, 32)
+    print(
+        np.abs(float_margins).mean(),
+        np.abs(rounded_margins - int8_margins).mean(),
+        np.abs(float_margins - int8_margins).mean(),
+    )
+    assert np.abs(rounded_margins - int8_margins).mean() < np.abs(float_margins - int8_margins).mean() / 10

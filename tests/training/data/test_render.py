@@ -331,6 +331,9 @@ def test_render_options_are_checked():
         DataArguments(render="mixed"), kd[1], kd[0], DistillArguments(teacher_cache=False), EvalArguments()
     )
     check_fit_options(DataArguments(render="ko"), kd[1], kd[0], DistillArguments(), EvalArguments())
+    # layer-kd caches nothing: its teacher runs on each epoch's notes
+    layer_kd = TrainingArguments(method="layer-kd")
+    check_fit_options(DataArguments(render="mixed"), kd[1], layer_kd, DistillArguments(), EvalArguments())
 
 
 def test_render_of_a_table_is_refused(ktas):
