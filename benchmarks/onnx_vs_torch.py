@@ -32,6 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from app.bundle import CPU, create_session, load_tokenizer, read_manifest
 from app.inference import NoteClassifier
+from benchmarks.options import named_bundle
 from training.config import SELECT_METRICS
 from training.data.loading import load_parts
 from training.modeling import load_student
@@ -78,14 +79,6 @@ def notes_per_second(engines: dict[str, Predict], texts: list[str], batch_size: 
                 predict(batch)
             seconds[name].append(time.perf_counter() - start)
     return {name: len(texts) / statistics.median(times) for name, times in seconds.items()}
-
-
-def named_bundle(text: str) -> tuple[str, Path]:
-    """`NAME=BUNDLE` of --compare."""
-    name, equals, bundle = text.partition("=")
-    if not (name and equals and bundle):
-        raise argparse.ArgumentTypeError(f"expected NAME=BUNDLE, got {text!r}")
-    return name, Path(bundle)
 
 
 def main() -> None:

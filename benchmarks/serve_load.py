@@ -57,6 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.bundle import CUDA, load_bundle, read_manifest
 from app.inference import NoteClassifier
 from benchmarks.http_client import TRANSPORT_ERRORS, HttpClient
+from benchmarks.options import named_bundle
 from benchmarks.servers import (
     PYTHON,
     SERVICE_METRICS_PATH,
@@ -362,14 +363,6 @@ def comparison_lines(cells: list[Cell], roles: Roles) -> list[str]:
 
 def _progress(message: str) -> None:
     print(message, flush=True)
-
-
-def named_bundle(text: str) -> tuple[str, Path]:
-    """`NAME=BUNDLE` of --compare."""
-    name, equals, bundle = text.partition("=")
-    if not (name and equals and bundle):
-        raise argparse.ArgumentTypeError(f"expected NAME=BUNDLE, got {text!r}")
-    return name, Path(bundle)
 
 
 def parse_args() -> argparse.Namespace:

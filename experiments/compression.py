@@ -42,6 +42,7 @@ from app.inference import NoteClassifier
 from app.manifest import LABELS, Manifest
 from benchmarks.matmul_peak import MatmulPeak, measure
 from benchmarks.onnx_vs_torch import Predict, notes_per_second
+from benchmarks.options import named_bundle
 from training.config import RENDER_STYLES
 from training.data.examples import Examples
 from training.data.loading import load_parts
@@ -258,17 +259,10 @@ def tables(engines: list[Engine], baseline: Engine, reference: Engine) -> list[s
     return lines
 
 
-def bundle_option(value: str) -> tuple[str, Path]:
-    name, equals, path = value.partition("=")
-    if not (name and equals and path):
-        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=PATH, e.g. l6=models/compression/l6-qat")
-    return name, Path(path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--bundle", action="append", required=True, type=bundle_option, metavar="NAME=PATH", help="A bundle to compare."
+        "--bundle", action="append", required=True, type=named_bundle, metavar="NAME=PATH", help="A bundle to compare."
     )
     parser.add_argument("--reference", required=True, metavar="NAME:VARIANT", help="AUROC differences are to it.")
     parser.add_argument("--baseline", required=True, metavar="NAME:VARIANT", help="Speed-ups are over it.")

@@ -1,0 +1,14 @@
+"""Command-line options the benchmark and experiment scripts share."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def named_bundle(text: str) -> tuple[str, Path]:
+    """`NAME=BUNDLE`, e.g. `l6=models/compression/l6-qat`: a bundle and the name it is reported under."""
+    name, equals, bundle = text.partition("=")
+    if not (name and equals and bundle):
+        raise argparse.ArgumentTypeError(f"expected NAME=BUNDLE, e.g. l6=models/compression/l6-qat; got {text!r}")
+    return name, Path(bundle)
