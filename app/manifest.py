@@ -150,6 +150,11 @@ class Manifest(Strict):
         description="Which MatMuls the int8 variant quantizes: all, or all except the feed-forward "
         "down-projections, kept fp32 (None: not recorded).",
     )
+    int8_rounds_outputs: bool | None = Field(
+        None,
+        description="Whether the int8 variant rounds each MatMul's output too (ONNX Runtime's QLinearMatMul), or "
+        "only what each MatMul reads (None: not recorded).",
+    )
     export_method: str = Field(description="optimum, or torch.onnx when optimum could not export the architecture.")
     library_versions: dict[str, str]
     recalibration: Recalibration | None = Field(

@@ -38,9 +38,8 @@ from training.run_dir import RunDirectory
 Quantize = Callable[[Path, Path, NoteClassifier, list[str]], None]
 
 
-def static(keep_ffn_down: bool, round_outputs: bool = False) -> Quantize:
-    """Static int8 as the export makes it; `round_outputs`: ONNX Runtime's default QDQ placement instead (MatMul
-    outputs and the residual stream rounded too), the export's until issue #19."""
+def static(keep_ffn_down: bool, round_outputs: bool) -> Quantize:
+    """Static int8 as the export makes it (`quantize_int8`); `round_outputs`: MatMul outputs rounded too."""
 
     def quantize(fp32: Path, out: Path, fp32_classifier: NoteClassifier, calibration_texts: list[str]) -> None:
         keep = FFN_DOWN if keep_ffn_down else None
@@ -73,10 +72,10 @@ def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
 
 
 WAYS: dict[str, Quantize] = {
-    "export: static, every MatMul int8": static(keep_ffn_down=False),
-    "static, FFN down-projections fp32": static(keep_ffn_down=True),
-    "static, outputs rounded too, FFN down-projections fp32": static(keep_ffn_down=True, round_outputs=True),
-    "static, outputs rounded too, every MatMul int8": static(keep_ffn_down=False, round_outputs=True),
+    "export: static, every MatMul int8, outputs rounded": static(keep_ffn_down=False, round_outputs=True),
+    "static, every MatMul int8, inputs only": static(keep_ffn_down=False, round_outputs=False),
+    "static, FFN down-projections fp32, outputs rounded": static(keep_ffn_down=True, round_outputs=True),
+    "static, FFN down-projections fp32, inputs only": static(keep_ffn_down=True, round_outputs=False),
     "dynamic, FFN down-projections fp32": dynamic(keep_ffn_down=True),
     "dynamic, every MatMul int8": dynamic(keep_ffn_down=False),
     "BERT fusions + dynamic, every MatMul int8": dynamic(keep_ffn_down=False, fused=True),

@@ -117,8 +117,9 @@ def load_engines(bundles: dict[str, Path], threads: int) -> list[Engine]:
     return engines
 
 
-def test_notes(engines: list[Engine], run: Path | None, limit: int | None) -> dict[str, Examples]:
-    """The test split rendered in each style; every bundle's source run must give the same notes and labels."""
+def held_out_notes(engines: list[Engine], run: Path | None, limit: int | None, split: str) -> dict[str, Examples]:
+    """The test (or validation) split rendered in each style; every bundle's source run must give the same notes
+    and labels."""
     notes: dict[str, Examples] = {}
     first = ""
     for engine in {e.bundle: e for e in engines}.values():
@@ -129,7 +130,7 @@ def test_notes(engines: list[Engine], run: Path | None, limit: int | None) -> di
                 "pass --run RUN, the run directory the bundle was exported from"
             )
         for style in RENDER_STYLES:
-            test = load_parts(source.data_arguments(render=style))["test"]
+            test = load_parts(source.data_arguments(render=style))[split]
             if limit:
                 test = test.subset(np.arange(min(limit, len(test))))
             if style not in notes:
@@ -217,9 +218,6 @@ def figure(value: float | None) -> str:
 
 
 def tables(engines: list[Engine], baseline: Engine, reference: Engine) -> list[str]:
-    def cell(metric: dict[str, float], sign: str = "") -> str:
-        return f"{metric['value']:{sign}.4f} [{metric['low']:{sign}.4f}, {metric['high']:{sign}.4f}]"
-
     lines = [
         f"| bundle | layers | variant | MB | notes/s @1 | notes/s @32 | x {baseline.name} @32 | MFU @1 | MFU @32 | "
         "batch shift (manifest) | batch shift (measured) |",
@@ -233,19 +231,7 @@ def tables(engines: list[Engine], baseline: Engine, reference: Engine) -> list[s
             f"| {r['mfu'][1]:.1%} | {r['mfu'][32]:.1%} | {figure(r['batch_shift']['manifest'])} "
             f"| {r['batch_shift']['measured']:.2g} |"
         )
-    lines += [
-        "",
-        f"Test AUROC [95% CI] and its paired difference to {reference.name} [95% CI] (same notes, same "
-        f"{N_RESAMPLES} resamples):",
-        "",
-        "| engine | " + " | ".join(f"{style} AUROC | {style} Δ" for style in RENDER_STYLES) + " |",
-        "| --- | " + " | ".join("---: | ---:" for _ in RENDER_STYLES) + " |",
-    ]
-    for e in engines:
-        cells = [
-            f"{cell(e.results['auroc'][s])} | {cell(e.results['auroc_difference'][s], '+')}" for s in RENDER_STYLES
-        ]
-        lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
+    lines += ["", *accuracy_table(engines, reference, "Test")]
     lines += ["", f"Goals (batch {GOAL_BATCH}, against {baseline.name} and {reference.name}):", ""]
     for e in engines:
         g = e.results["goals"]
@@ -256,6 +242,25 @@ def tables(engines: list[Engine], baseline: Engine, reference: Engine) -> list[s
             f"rendering (point estimate): {met['auroc']} (worst {g['auroc']['difference']:+.4f}, "
             f"{g['auroc']['worst_rendering']}); batch shift 0: {met['batch_shift']} ({g['batch_shift']['value']:.2g})"
         )
+    return lines
+
+
+def accuracy_table(engines: list[Engine], reference: Engine, split: str) -> list[str]:
+    def cell(metric: dict[str, float], sign: str = "") -> str:
+        return f"{metric['value']:{sign}.4f} [{metric['low']:{sign}.4f}, {metric['high']:{sign}.4f}]"
+
+    lines = [
+        f"{split} AUROC [95% CI] and its paired difference to {reference.name} [95% CI] (same notes, same "
+        f"{N_RESAMPLES} resamples):",
+        "",
+        "| engine | " + " | ".join(f"{style} AUROC | {style} Δ" for style in RENDER_STYLES) + " |",
+        "| --- | " + " | ".join("---: | ---:" for _ in RENDER_STYLES) + " |",
+    ]
+    for e in engines:
+        cells = [
+            f"{cell(e.results['auroc'][s])} | {cell(e.results['auroc_difference'][s], '+')}" for s in RENDER_STYLES
+        ]
+        lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -272,6 +277,12 @@ def main() -> None:
         "--run", type=Path, help="Score every bundle on this run's test split (default: its source run's)."
     )
     parser.add_argument("--limit", type=int, help="Keep the first N test notes (smoke runs only).")
+    parser.add_argument(
+        "--split",
+        choices=("test", "valid"),
+        default="test",
+        help="valid: only the AUROC table, on the validation split (to choose a variant without the test set).",
+    )
     parser.add_argument("--docs", type=Path, help="Write compression.md and compression.json there.")
     args = parser.parse_args()
 
@@ -281,8 +292,11 @@ def main() -> None:
         if getattr(args, option) not in by_name:
             sys.exit(f"--{option} {getattr(args, option)}: not an engine; engines are {', '.join(by_name)}")
     reference, baseline = by_name[args.reference], by_name[args.baseline]
-    notes = test_notes(engines, args.run, args.limit)
+    notes = held_out_notes(engines, args.run, args.limit, args.split)
     score_accuracy(engines, notes, reference)
+    if args.split == "valid":
+        print("\n".join(accuracy_table(engines, reference, "Validation")))
+        return
     # The peak is measured just before and just after the timings, and the higher one taken: on a shared CPU
     # other jobs lower either figure.
     before = measure(args.threads)

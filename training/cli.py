@@ -141,10 +141,19 @@ def export(
     int8_matmuls: Annotated[
         Int8MatMuls,
         typer.Option(
-            help="MatMuls the int8 variant quantizes: all, or except-ffn-down (the feed-forward down-projections "
-            "stay fp32, slower but closer to fp32 for a model whose GELU outputs have large outliers)."
+            help="MatMuls the int8 variant quantizes: all, or except-ffn-down (the feed-forward down-projections, "
+            "whose GELU input has large outliers, stay fp32: slower, closer to fp32); auto: all for a run fitted "
+            "with --quantization-aware, else except-ffn-down."
         ),
-    ] = "all",
+    ] = "auto",
+    int8_round_outputs: Annotated[
+        bool,
+        typer.Option(
+            help="Round each int8 MatMul's output too (ONNX Runtime's QLinearMatMul: fast at every batch size); "
+            "--no-int8-round-outputs rounds only what a MatMul reads: closer to fp32 and fastest at batch 32, "
+            "slow at batch 1."
+        ),
+    ] = True,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
 ) -> None:
     """Export a run's best checkpoint as an ONNX model bundle (fp32, int8, fp16) checked against PyTorch; a run
@@ -166,6 +175,7 @@ def export(
             batch_shift_atol=batch_shift_atol,
             quantize_embeddings=quantize_embeddings,
             int8_matmuls=int8_matmuls,
+            int8_round_outputs=int8_round_outputs,
             overwrite=overwrite,
         )
         tracker.log_bundle(bundle)

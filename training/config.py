@@ -70,7 +70,7 @@ AttentionHeads = Literal["mean", "by-index"]
 ReportTo = Literal["none", "tensorboard", "mlflow"]  # experiment trackers (training/tracking.py)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # of training steps (training/precision.py)
 LayerMap = list[tuple[int, int]]  # (student layer, teacher layer) pairs, counted from 1
-Int8MatMuls = Literal["all", "except-ffn-down"]  # what `export` quantizes in the int8 variant
+Int8MatMuls = Literal["auto", "all", "except-ffn-down"]  # what `export` quantizes in the int8 variant
 
 METHODS: tuple[Method, ...] = get_args(Method)
 SELECT_METRICS: tuple[SelectMetric, ...] = get_args(SelectMetric)
@@ -335,11 +335,11 @@ class TrainingArguments:
     quantization_aware: bool = field(
         default=False,
         metadata={
-            "help": "Quantization-aware fine-tuning: every matrix product runs on int8-rounded inputs and weights "
-            "(fake quantization, as the bundle's static int8 graph computes them: weights per output channel, "
-            "activation ranges taken on the first training notes at the start of each epoch), so that the "
-            "exported int8 variant quantizes every MatMul, the feed-forward down-projections included. Meant "
-            "for a short final run whose --student is a trained checkpoint."
+            "help": "Quantization-aware fine-tuning: every matrix product runs on int8-rounded weights and inputs "
+            "(fake quantization, as the bundle's static int8 graph rounds them: weights per output channel, "
+            "activation ranges taken on the first training notes at the start of each epoch; "
+            "training/quantization.py), so that the weights adapt to the int8 variant's rounding. Meant for a "
+            "short final run whose --student is a trained checkpoint."
         },
     )
     freeze_embeddings: bool = field(

@@ -49,7 +49,8 @@ def _int8_recipe(manifest: Manifest) -> list[str]:
     }
     if manifest.int8_matmuls is None:
         return []
-    return ["", f"int8: static quantization, {recipe[manifest.int8_matmuls]}."]
+    outputs = {True: " Their outputs are rounded too.", False: " Only their inputs are rounded.", None: ""}
+    return ["", f"int8: static quantization, {recipe[manifest.int8_matmuls]}.{outputs[manifest.int8_rounds_outputs]}"]
 
 
 def _card(manifest: Manifest, data_config: dict, parts: dict[str, Examples], report: dict, parity_notes: int) -> str:

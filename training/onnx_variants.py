@@ -119,7 +119,7 @@ def quantize_int8(
     calibration_texts: Sequence[str],
     quantize_embeddings: bool = True,
     keep_fp32: re.Pattern[str] | None = None,
-    round_outputs: bool = False,
+    round_outputs: bool = True,
 ) -> None:
     """Static int8 quantization (QDQ): int8 weights with one scale per output channel, and int8 activations
     whose scales are fixed beforehand from the value ranges seen on `calibration_texts` (e.g. training
@@ -130,17 +130,19 @@ def quantize_int8(
     by up to 0.11 between scoring a note alone and in a batch of 32); with fixed scales a note's result is
     the same in any batch.
 
-    Only what a MatMul (or Gemm) reads is rounded to int8: its weights and its input activations. Its output
-    stays fp32, and each rounded input gets its own quantize/dequantize pair, so that other readers of the same
-    tensor (the residual connections that read a LayerNorm's output) read it unrounded. ONNX Runtime's default
-    (`round_outputs`, kept for comparison in benchmarks/int8_variants.py) also rounds every MatMul's output and
-    the residual stream at each LayerNorm: on the default e5-small bundle, with every MatMul in int8, mean |dP|
-    against fp32 on validation notes was 0.044 that way and 0.008 this way, which also ran faster (the int8
-    kernels write fp32 directly). `training.quantization` fakes exactly this rounding for quantization-aware
-    fine-tuning. MatMuls whose name matches `keep_fp32` stay fp32 (e.g. `FFN_DOWN`, the feed-forward
-    down-projections, whose GELU input has a few large outliers). With `quantize_embeddings` the embedding
-    tables (Gather) are stored in int8 too, their outputs left in fp32: e5-small's 250k-token vocabulary then
-    takes 4x less room.
+    What is rounded to int8: every quantized MatMul's (and Gemm's) weights and input activations, and, with
+    `round_outputs` (ONNX Runtime's own placement), its output and the tensors around it (each LayerNorm's
+    output, the residual connection reads it rounded too). ONNX Runtime then runs QLinearMatMul, int8 in and
+    out: fast at every batch size. Without `round_outputs` only what a MatMul reads is rounded, each rounded
+    input gets its own quantize/dequantize pair and other readers (residual additions) the unrounded tensor;
+    ONNX Runtime then runs MatMulIntegerToFloat, closer to fp32 and the fastest at batch 32, but slow at batch
+    1 (6-layer e5-small student: 35 notes/s at batch 1 against 124 with `round_outputs` and 95 in fp32; 240
+    at batch 32 against 218 and 141; docs/results/compression.md). `training.quantization` fakes the rounding
+    both placements share (weights and MatMul inputs) for quantization-aware fine-tuning; without
+    `round_outputs` that is all the graph rounds. MatMuls whose name matches `keep_fp32` stay fp32 (e.g.
+    `FFN_DOWN`, the feed-forward down-projections, whose GELU input has a few large outliers). With
+    `quantize_embeddings` the embedding tables (Gather) are stored in int8 too: e5-small's 250k-token
+    vocabulary then takes 4x less room.
     """
     graph = onnx.load(str(fp32_file), load_external_data=False).graph
     calibration = (

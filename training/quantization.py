@@ -1,16 +1,20 @@
 """Quantization-aware fine-tuning (`fit --quantization-aware`): the student computes every matrix product on
-int8-rounded operands, as the bundle's static int8 graph will (`training.onnx_variants.quantize_int8`), so that
+int8-rounded operands, as the bundle's static int8 graph does (`training.onnx_variants.quantize_int8`), so that
 training adapts the weights to that rounding.
 
 Where the ONNX graph has a quantized MatMul, the student rounds ("fake-quantizes": rounds, then maps back to
-float, with a straight-through gradient) the same tensors the same way:
+float, with a straight-through gradient) the same operands the same way:
 
 - weights of every linear layer: int8, symmetric, one scale per output channel (ONNX Runtime: QInt8, per channel);
 - inputs of every linear layer, the query, key and value projections (inputs of the attention products) and the
   attention probabilities: uint8, one scale and zero point per tensor, from the tensor's min and max (widened to
-  include 0) over the calibration notes (ONNX Runtime: QUInt8, MinMax calibration);
+  include 0) over the calibration notes, taken on the float model (ONNX Runtime: QUInt8, MinMax calibration);
 - embedding tables: uint8, one scale and zero point per table, from the table's own min and max (the bundle
   stores them in int8: `quantize_int8`'s `quantize_embeddings`).
+
+That is all an int8 graph exported with `--no-int8-round-outputs` rounds (tests/training/test_export.py: the
+fake-quantized model is over 10x closer to that graph than the float model is); the default graph also rounds
+each MatMul's output, which is not faked here.
 
 The ranges are taken on the same notes the export calibrates on (the first `CALIBRATION_NOTES` training notes,
 in batches of `CALIBRATION_BATCH_SIZE`) and re-taken at the start of every epoch, as the weights move. They are

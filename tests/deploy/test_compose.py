@@ -131,8 +131,9 @@ def test_settings_pass_through_from_the_environment(render):
 
 
 def test_settings_pass_through_from_an_env_file(render):
-    services = render(env_file="METHOD=mlkd\nAPI_PORT=8080\n")["services"]
+    services = render(env_file="METHOD=mlkd\nLAYERS=12\nAPI_PORT=8080\n")["services"]
     assert services["model"]["environment"]["METHOD"] == "mlkd"
+    assert services["model"]["environment"]["LAYERS"] == "12"
     assert services["api"]["ports"][0]["published"] == "8080"
 
 

@@ -315,13 +315,15 @@ def quantization_aware_run(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantization_aware_bundle(quantization_aware_run, tmp_path_factory):
     # the tolerance keeps int8 whatever its AUROC on the tiny model, so that it can be compared below
-    return export_bundle(quantization_aware_run, tmp_path_factory.mktemp("bundles") / "qat", tolerance=1.0)
+    out = tmp_path_factory.mktemp("bundles") / "qat"
+    return export_bundle(quantization_aware_run, out, tolerance=1.0, int8_round_outputs=False)
 
 
 def test_int8_rounds_what_every_matmul_reads_and_nothing_else(bundle, quantization_aware_bundle):
     """Weights and input activations of every MatMul and Gemm in int8; their outputs, and the residual stream
     that reads the same LayerNorm outputs, in fp32."""
-    assert load_bundle(bundle).manifest.int8_matmuls == "all"  # the default
+    default = load_bundle(bundle).manifest  # not quantization-aware: the down-projections stay fp32
+    assert default.int8_matmuls == "except-ffn-down" and default.int8_rounds_outputs
     manifest = load_bundle(quantization_aware_bundle).manifest  # its int8 is kept whatever its AUROC
     graph = onnx.load(str(quantization_aware_bundle / manifest.variants["int8"].file)).graph
     dequantized = {node.output[0] for node in graph.node if node.op_type == "DequantizeLinear"}
@@ -339,7 +341,7 @@ def test_a_quantization_aware_run_is_described_as_such(quantization_aware_bundle
     assert manifest.int8_matmuls == "all" and manifest.variants["int8"].kept
     assert manifest.encoders.quantization_aware and manifest.encoders.layers == 2
     card = (quantization_aware_bundle / "MODEL_CARD.md").read_text()
-    assert "Fine-tuned quantization-aware" in card and "every MatMul in int8." in card
+    assert "Fine-tuned quantization-aware" in card and "every MatMul in int8. Only their inputs are rounded." in card
     assert not load_bundle(bundle).manifest.encoders.quantization_aware
 
 
@@ -350,7 +352,7 @@ def test_the_quantization_aware_student_computes_what_its_int8_graph_computes(ti
     fp32 = NoteClassifier(
         create_session(bundle / "model.onnx", CPU), load_bundle_tokenizer(bundle / "tokenizer.json"), 512
     )
-    quantize_int8(bundle / "model.onnx", tmp_path / "int8.onnx", fp32, calibration)
+    quantize_int8(bundle / "model.onnx", tmp_path / "int8.onnx", fp32, calibration, round_outputs=False)
     int8 = fp32.with_session(create_session(tmp_path / "int8.onnx", CPU))
     checkpoint = RunDirectory(tiny_run).checkpoint("auroc")
     texts = parts["valid"].texts
