@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 from app.bundle import CPU, create_session, load_tokenizer, read_manifest
 from app.inference import NoteClassifier
-from benchmarks.options import named_bundle
+from benchmarks.options import add_compare_option
 from training.config import SELECT_METRICS
 from training.data.loading import load_parts
 from training.modeling import load_student
@@ -97,13 +97,8 @@ def main() -> None:
         default=["fp32", "int8"],
         help="ONNX variants to time (fp16 is meant for GPUs and is slow on the CPU provider).",
     )
-    parser.add_argument(
-        "--compare",
-        type=named_bundle,
-        action="append",
-        default=[],
-        metavar="NAME=BUNDLE",
-        help="Another bundle whose --variants are timed too, as engines 'NAME fp32', 'NAME int8' (repeatable).",
+    add_compare_option(
+        parser, "Another bundle whose --variants are timed too, as engines 'NAME fp32', 'NAME int8' (repeatable)."
     )
     args = parser.parse_args()
 

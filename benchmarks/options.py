@@ -12,3 +12,8 @@ def named_bundle(text: str) -> tuple[str, Path]:
     if not (name and equals and bundle):
         raise argparse.ArgumentTypeError(f"expected NAME=BUNDLE, e.g. l6=models/compression/l6-qat; got {text!r}")
     return name, Path(bundle)
+
+
+def add_compare_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--compare NAME=BUNDLE (repeatable): other bundles measured beside the main one."""
+    parser.add_argument("--compare", type=named_bundle, action="append", default=[], metavar="NAME=BUNDLE", help=help)

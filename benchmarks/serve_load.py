@@ -57,7 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.bundle import CUDA, load_bundle, read_manifest
 from app.inference import NoteClassifier
 from benchmarks.http_client import TRANSPORT_ERRORS, HttpClient
-from benchmarks.options import named_bundle
+from benchmarks.options import add_compare_option
 from benchmarks.servers import (
     PYTHON,
     SERVICE_METRICS_PATH,
@@ -380,14 +380,7 @@ def parse_args() -> argparse.Namespace:
         help="ONNX variant of the service and the ONNX peers (fp32 for a bundle without int8; fp16 on a GPU host).",
     )
     parser.add_argument("--servers", nargs="+", help="Servers to measure (default: all, see above).")
-    parser.add_argument(
-        "--compare",
-        type=named_bundle,
-        action="append",
-        default=[],
-        metavar="NAME=BUNDLE",
-        help="Another bundle, served as service-V@NAME and compared with service-V (repeatable).",
-    )
+    add_compare_option(parser, "Another bundle, served as service-V@NAME and compared with service-V (repeatable).")
     parser.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCIES))
     parser.add_argument("--seconds", type=float, default=24.0, help="Duration of each cell (all rounds together).")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds each cell is split into.")

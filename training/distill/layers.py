@@ -22,33 +22,22 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.collate import NoteCollator
 from training.config import DistillArguments, LayerMap, ModelArguments
-from training.data.examples import Examples
 from training.distill.losses import logit_distill_loss, uniform_layer_map
 from training.distill.teacher import load_teacher
 from training.errors import ConfigError
 from training.modeling import load_tokenizer, to_device
-from training.objectives import model_inputs
+from training.objectives import CrossEntropyObjective, model_inputs
 
 
 @dataclass
-class LayerDistillObjective:
+class LayerDistillObjective(CrossEntropyObjective):
+    """Batches as plain fine-tuning makes them (the teacher reads the same tokens); the loss adds the teacher's."""
+
     teacher: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    max_length: int
     layer_pairs: LayerMap
     args: DistillArguments
     logit_weight: float
-
-    def collator(self, examples: Examples) -> NoteCollator:
-        return NoteCollator(examples, self.tokenizer, self.max_length)
-
-    def extra_modules(self) -> list[nn.Module]:
-        return []
-
-    def count_words(self, batch: dict[str, torch.Tensor]) -> int:
-        return 0
 
     def loss(
         self, model: PreTrainedModel, batch: dict[str, torch.Tensor], accum_steps: int, accum_words: float
@@ -135,5 +124,10 @@ def build_layer_distill_objective(
         )
     without_attention_dropout(model)
     return LayerDistillObjective(
-        teacher, tokenizer, model_args.max_length, pairs, args, args.logit_weight_for("layer-kd")
+        tokenizer=tokenizer,
+        max_length=model_args.max_length,
+        teacher=teacher,
+        layer_pairs=pairs,
+        args=args,
+        logit_weight=args.logit_weight_for("layer-kd"),
     )
