@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -159,7 +160,7 @@ class Limits:
 @dataclass(frozen=True)
 class Int8Options:
     quantize_embeddings: bool
-    matmuls: Int8MatMuls
+    matmuls: Literal["all", "except-ffn-down"]
     round_outputs: bool
 
 
