@@ -100,7 +100,7 @@ def fit(
 
     collator = objective.collator(parts["train"])
     notes = len(parts["train"])
-    trainable = TrainingStep(model, objective)
+    trainable = TrainingStep(model, objective, [quantization.ranges] if quantization else [])
     step_module = processes.wrap(trainable, device)
     groups = parameter_groups(model, train_args.encoder_lr, train_args.head_lr, train_args.weight_decay)
     extra = [p for module in objective.extra_modules() for p in module.parameters()]
@@ -137,7 +137,7 @@ def fit(
     for epoch in range(progress.epoch, train_args.epochs + 1):
         # --render mixed: every training note is re-drawn each epoch (validation keeps its fixed epoch-0 draw).
         collator.examples = parts["train"].for_epoch(epoch)
-        if quantization is not None:
+        if quantization is not None and progress.epoch_steps == 0:  # a resumed epoch keeps its saved ranges
             quantization.calibrate()
         step_module.train()
         done = progress.epoch_steps * train_args.grad_accum  # batches a stopped session trained on

@@ -33,12 +33,14 @@ class Objective(Protocol):
 
 class TrainingStep(nn.Module):
     """The student and the objective's extra modules as one module whose forward is the objective's loss: one
-    state_dict to save and resume from, and one module whose gradients data-parallel training averages."""
+    state_dict to save and resume from, and one module whose gradients data-parallel training averages.
+    `state` holds more of what a resumed run needs (e.g. quantization-aware training's activation ranges)."""
 
-    def __init__(self, model: PreTrainedModel, objective: Objective):
+    def __init__(self, model: PreTrainedModel, objective: Objective, state: list[nn.Module] | None = None):
         super().__init__()
         self.model = model
         self.extra = nn.ModuleList(objective.extra_modules())
+        self.state = nn.ModuleList(state or [])
         self.objective = objective
 
     def forward(

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from training.modeling import to_device
+
 CALIBRATION_NOTES = 256  # the first training notes: enough to cover the ranges, few enough to take them in seconds
 CALIBRATION_BATCH_SIZE = 16
 UINT8 = (0, 255)
@@ -48,9 +50,9 @@ class ActivationRange(nn.Module):
         self.observing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.low = torch.minimum(self.low, x.detach().min().float())
-            self.high = torch.maximum(self.high, x.detach().max().float())
+        if self.observing:  # in place: `ActivationRanges` holds these very tensors
+            self.low.copy_(torch.minimum(self.low, x.detach().min().float()))
+            self.high.copy_(torch.maximum(self.high, x.detach().max().float()))
             return x
         low, high = UINT8
         scale = ((self.high - self.low) / (high - low)).clamp_min(1e-12)
@@ -109,8 +111,19 @@ class FakeQuantEmbedding(nn.Embedding):
         self.table_range.observing = False
 
 
+class ActivationRanges(nn.Module):
+    """Every range of a quantization-aware model as one module, for a resumable run's state: the model's own state
+    dict leaves them out, so that its checkpoints stay plain models."""
+
+    def __init__(self, ranges: list[ActivationRange]) -> None:
+        super().__init__()
+        for index, activation in enumerate(ranges):
+            self.register_buffer(f"low_{index}", activation.low)
+            self.register_buffer(f"high_{index}", activation.high)
+
+
 class QuantizationAware:
-    """Makes `model` quantization-aware in place; `calibrate` (re)takes its activation ranges."""
+    """Makes `model` quantization-aware in place; `calibrate` (re)takes its ranges, which `ranges` holds."""
 
     def __init__(
         self,
@@ -138,9 +151,11 @@ class QuantizationAware:
                     setattr(parent, name, FakeQuantLinear(child, quantize_output=id(child) in attention_outputs))
                 elif type(child) is nn.Embedding:
                     setattr(parent, name, FakeQuantEmbedding(child))
+        to_device(model, device)  # the new ranges too, before `ranges` holds them
         self.tables = [module for module in model.modules() if isinstance(module, FakeQuantEmbedding)]
         tables = {id(table.table_range) for table in self.tables}
-        self.ranges = [m for m in model.modules() if isinstance(m, ActivationRange) and id(m) not in tables]
+        self.activations = [m for m in model.modules() if isinstance(m, ActivationRange) and id(m) not in tables]
+        self.ranges = ActivationRanges([m for m in model.modules() if isinstance(m, ActivationRange)])
 
     @torch.no_grad()
     def calibrate(self) -> None:
@@ -149,7 +164,7 @@ class QuantizationAware:
         for table in self.tables:
             table.calibrate()
             table.rounding = False
-        for activation in self.ranges:
+        for activation in self.activations:
             activation.reset()
             activation.observing = True
         try:
@@ -165,6 +180,6 @@ class QuantizationAware:
         finally:
             for table in self.tables:
                 table.rounding = True
-            for activation in self.ranges:
+            for activation in self.activations:
                 activation.observing = False
             self.model.train(training)

@@ -24,7 +24,8 @@ def test_every_linear_layer_is_fake_quantized_under_its_own_parameter_names(stud
     assert not any(type(module) is nn.Linear for module in student.modules())
     # per layer: inputs of Q, K, V, attention output, FFN up and down; outputs of Q, K, V; the attention
     # probabilities; then the pooler's and the classifier's inputs
-    assert len(quantization.ranges) == 2 * 10 + 2
+    assert len(quantization.activations) == 2 * 10 + 2
+    assert len(quantization.ranges.state_dict()) == 2 * (2 * 10 + 2 + 3)  # low and high; + 3 embedding tables
     assert isinstance(student.bert.encoder.layer[0].output.dense, FakeQuantLinear)
 
 
@@ -69,7 +70,7 @@ def test_calibrated_student_stays_close_to_the_float_model_and_trains(student_an
         reference = student.eval()(**batch).logits
     quantization = QuantizationAware(student, tokenizer, texts, 64, "cpu")
     quantization.calibrate()
-    assert all(activation.high > activation.low for activation in quantization.ranges)
+    assert all(activation.high > activation.low for activation in quantization.activations)
     with torch.inference_mode():
         rounded = student(**batch).logits
     assert not torch.equal(rounded, reference)

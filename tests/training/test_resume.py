@@ -1,11 +1,13 @@
 """Resumable `fit`: a run stopped mid-epoch and resumed is the run that was never stopped (SYNTHETIC notes)."""
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
 import torch
 
+from tests.training.distill.test_layers import save_classifier
 from training.config import DataArguments, DistillArguments, EvalArguments, ModelArguments, TrainingArguments
 from training.errors import ConfigError, RunDirectoryError
 from training.fit import fit
@@ -107,6 +109,28 @@ def test_a_run_stopped_mid_epoch_and_resumed_is_the_uninterrupted_run(
     assert json.loads(stopped.metrics_file().read_text())["threshold_free"] == uninterrupted["threshold_free"]
     if method != "base" and teacher_cache:  # the cache was built once and reused by the second session
         assert len(list((tmp_path / "teacher-cache").iterdir())) == 1
+
+
+def test_a_quantization_aware_layer_kd_run_stopped_and_resumed_is_the_uninterrupted_run(
+    tmp_path, monkeypatch, notes_csv, tiny_bert_dir
+):
+    """The activation ranges are in the saved state: the resumed epoch goes on with those it started with."""
+    classifier = save_classifier(tiny_bert_dir, tmp_path / "classifier")
+
+    def run(name, **training):
+        data, model, train, distill, evaluation = options(
+            tmp_path / name, notes_csv, classifier, classifier, "layer-kd", quantization_aware=True, **training
+        )
+        fit(data, replace(model, student_layers=1), train, distill, evaluation)
+
+    run("uninterrupted")
+    with monkeypatch.context() as patch:
+        stop_during_step(patch, STOP_DURING_STEP)
+        with pytest.raises(Stopped):
+            run("stopped")
+    run("stopped", resume=True)
+    assert history(tmp_path / "stopped") == history(tmp_path / "uninterrupted")
+    assert len(history(tmp_path / "stopped")) == 3
 
 
 def test_best_checkpoints_written_after_the_saved_state_are_written_again(
