@@ -63,7 +63,8 @@ def fit(
     distill: DistillArguments,
     evaluation: EvalArguments,
 ) -> None:
-    """Fine-tune a student (--method base) or distill a domain teacher into it (mlkd, ensemble)."""
+    """Fine-tune a student (--method base), distill a domain teacher into it (mlkd, ensemble), or distill a
+    fine-tuned model into a smaller student with its tokenizer (layer-kd)."""
     from training.fit import fit as run_fit
 
     with _clear_errors():
