@@ -72,9 +72,13 @@ def dynamic(keep_ffn_down: bool, fused: bool = False) -> Quantize:
 
 
 WAYS: dict[str, Quantize] = {
-    "export: static, every MatMul int8, outputs rounded": static(keep_ffn_down=False, round_outputs=True),
+    "export (quantization-aware run): static, every MatMul int8, outputs rounded": static(
+        keep_ffn_down=False, round_outputs=True
+    ),
     "static, every MatMul int8, inputs only": static(keep_ffn_down=False, round_outputs=False),
-    "static, FFN down-projections fp32, outputs rounded": static(keep_ffn_down=True, round_outputs=True),
+    "export (other runs): static, FFN down-projections fp32, outputs rounded": static(
+        keep_ffn_down=True, round_outputs=True
+    ),
     "static, FFN down-projections fp32, inputs only": static(keep_ffn_down=True, round_outputs=False),
     "dynamic, FFN down-projections fp32": dynamic(keep_ffn_down=True),
     "dynamic, every MatMul int8": dynamic(keep_ffn_down=False),
