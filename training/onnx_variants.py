@@ -136,8 +136,8 @@ def quantize_int8(
     out: fast at every batch size. Without `round_outputs` only what a MatMul reads is rounded, each rounded
     input gets its own quantize/dequantize pair and other readers (residual additions) the unrounded tensor;
     ONNX Runtime then runs MatMulIntegerToFloat, closer to fp32 and the fastest at batch 32, but slow at batch
-    1 (6-layer e5-small student: 35 notes/s at batch 1 against 124 with `round_outputs` and 95 in fp32; 240
-    at batch 32 against 218 and 141; docs/results/compression.md). `training.quantization` fakes the rounding
+    1 (6-layer e5-small student: 39 notes/s at batch 1 against 140 with `round_outputs` and 96 in fp32; 244
+    at batch 32 against 223 and 145; docs/results/compression.md). `training.quantization` fakes the rounding
     both placements share (weights and MatMul inputs) for quantization-aware fine-tuning; without
     `round_outputs` that is all the graph rounds. MatMuls whose name matches `keep_fp32` stay fp32 (e.g.
     `FFN_DOWN`, the feed-forward down-projections, whose GELU input has a few large outliers). With
