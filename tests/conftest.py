@@ -118,6 +118,16 @@ def notes() -> list[tuple[str, int]]:
 
 
 @pytest.fixture(scope="session")
+def notes_csv(tmp_path_factory, notes) -> Path:
+    """The synthetic notes as the CSV file `fit --data` reads (columns text, label)."""
+    import pandas as pd
+
+    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
+    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, notes) -> Path:
     """A 2-layer, 32-wide, 4-head BERT encoder with a WordPiece vocab trained on the synthetic notes."""
     tokenizer = _train_wordpiece([t for t, _ in notes], vocab_size=300)

@@ -170,18 +170,8 @@ def test_a_missing_column_names_the_columns_found(tmp_path, tiny_bundle_dir, fra
     result = score("--bundle", tiny_bundle_dir, "--input", source, "--output", output)
     assert result.exit_code == 2
     assert "no text column 'text'; columns found: note_id, note" in result.output
-    result = score(
-        "--bundle",
-        tiny_bundle_dir,
-        "--input",
-        source,
-        "--output",
-        output,
-        "--text-column",
-        "note",
-        "--id-column",
-        "mrn",
-    )
+    columns = ("--text-column", "note", "--id-column", "mrn")
+    result = score("--bundle", tiny_bundle_dir, "--input", source, "--output", output, *columns)
     assert result.exit_code == 2 and "no id column 'mrn'; columns found: note_id, note" in result.output
     assert not output.exists()
 
@@ -225,18 +215,8 @@ def test_an_id_column_named_like_an_output_column_is_refused(tmp_path, tiny_bund
 def test_an_id_column_may_be_called_text_when_the_notes_are_in_another(tmp_path, tiny_bundle_dir, frame):
     source = write_notes(tmp_path / "notes.csv", frame.rename(columns={"text": "note", "note_id": "text"}))
     output = tmp_path / "scores.parquet"
-    result = score(
-        "--bundle",
-        tiny_bundle_dir,
-        "--input",
-        source,
-        "--output",
-        output,
-        "--text-column",
-        "note",
-        "--id-column",
-        "text",
-    )
+    columns = ("--text-column", "note", "--id-column", "text")
+    result = score("--bundle", tiny_bundle_dir, "--input", source, "--output", output, *columns)
     assert result.exit_code == 0, result.output
     assert pq.read_table(output)["text"].to_pylist() == frame["note_id"].tolist()
 

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import onnx
-import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
@@ -30,12 +29,10 @@ MAX_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, notes, tiny_bert_dir):
+def tiny_run(tmp_path_factory, notes_csv, tiny_bert_dir):
     root = tmp_path_factory.mktemp("export-run")
-    data = root / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
     return fit(
-        DataArguments(data=str(data)),
+        DataArguments(data=str(notes_csv)),
         ModelArguments(student=str(tiny_bert_dir), max_length=MAX_TOKENS),
         TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
         DistillArguments(),

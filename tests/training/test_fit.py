@@ -19,13 +19,6 @@ from training.predict import predict_proba
 from training.run_dir import RunDirectory
 
 
-@pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory, notes):
-    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
-    return path
-
-
 def train_args(out, **overrides):
     base = {
         "out": str(out),

@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -32,13 +31,6 @@ from training.run_dir import RunDirectory
 
 TRAIN_TOLERANCE, VALID_TOLERANCE = 1e-9, 1e-6
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory, notes):
-    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")

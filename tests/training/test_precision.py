@@ -3,7 +3,6 @@
 import json
 import math
 
-import pandas as pd
 import pytest
 import torch
 
@@ -11,13 +10,6 @@ from training.config import DataArguments, DistillArguments, EvalArguments, Mode
 from training.fit import fit
 from training.precision import mixed_precision
 from training.run_dir import RunDirectory
-
-
-@pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory, notes):
-    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
-    return path
 
 
 @pytest.mark.parametrize(

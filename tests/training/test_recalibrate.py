@@ -23,12 +23,10 @@ CPU = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(scope="module")
-def source_bundle(tmp_path_factory, notes, tiny_bert_dir):
+def source_bundle(tmp_path_factory, notes_csv, tiny_bert_dir):
     root = tmp_path_factory.mktemp("recalibrate")
-    data = root / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
     run = fit(
-        DataArguments(data=str(data)),
+        DataArguments(data=str(notes_csv)),
         ModelArguments(student=str(tiny_bert_dir), max_length=64),
         TrainingArguments(out=str(root / "run"), epochs=3, batch_size=16, encoder_lr=2e-3, head_lr=5e-3, seed=1),
         DistillArguments(),

@@ -3,7 +3,6 @@
 import json
 from dataclasses import replace
 
-import pandas as pd
 import pytest
 import torch
 
@@ -20,13 +19,6 @@ STOP_DURING_STEP = 15
 
 class Stopped(Exception):
     """Stands for the process being killed: raised in the middle of an optimizer step."""
-
-
-@pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory, notes):
-    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
-    return path
 
 
 def options(out, notes_csv, student, teacher=None, method="base", teacher_cache=True, **training):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -23,13 +22,6 @@ from training.tracking import REPORT_FILES, open_tracking, start_tracking
 
 TINY_RUN = ["--epochs", "2", "--batch-size", "16", "--encoder-lr", "2e-3", "--head-lr", "5e-3", "--seed", "1"]
 PLOTS = ("roc", "pr", "reliability")
-
-
-@pytest.fixture(scope="module")
-def notes_csv(tmp_path_factory, notes):
-    path = tmp_path_factory.mktemp("data") / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(path, index=False)
-    return path
 
 
 @pytest.fixture(scope="module")

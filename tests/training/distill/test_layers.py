@@ -4,7 +4,6 @@ classifier that shares its tokenizer."""
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -113,11 +112,9 @@ def test_a_teacher_with_another_vocabulary_is_refused(tmp_path, classifier_dir, 
         )
 
 
-def test_fit_distils_a_one_layer_student_and_saves_it_as_one(tmp_path, notes, classifier_dir):
-    data = tmp_path / "synthetic_notes.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
+def test_fit_distils_a_one_layer_student_and_saves_it_as_one(tmp_path, notes_csv, classifier_dir):
     run = fit(
-        DataArguments(data=str(data)),
+        DataArguments(data=str(notes_csv)),
         ModelArguments(student=str(classifier_dir), teacher=str(classifier_dir), student_layers=1, max_length=64),
         TrainingArguments(out=str(tmp_path / "run"), method="layer-kd", epochs=2, batch_size=16, seed=1),
         DistillArguments(),

@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -163,12 +162,10 @@ def test_words_cut_by_either_models_truncation_are_counted(tiny_bert_dir, tiny_t
 
 
 @pytest.mark.parametrize("method", ["mlkd", "ensemble"])
-def test_distillation_runs_end_to_end(tmp_path, notes, tiny_bert_dir, tiny_teacher_dir, method):
-    data = tmp_path / "synthetic.csv"
-    pd.DataFrame({"text": [t for t, _ in notes], "label": [y for _, y in notes]}).to_csv(data, index=False)
+def test_distillation_runs_end_to_end(tmp_path, notes_csv, tiny_bert_dir, tiny_teacher_dir, method):
     out = tmp_path / method
     fit(
-        DataArguments(data=str(data)),
+        DataArguments(data=str(notes_csv)),
         ModelArguments(student=str(tiny_bert_dir), teacher=str(tiny_teacher_dir), max_length=64),
         TrainingArguments(out=str(out), method=method, epochs=3, encoder_lr=2e-3, head_lr=5e-3, seed=1),
         DistillArguments(word_policy="all", teacher_max_length=16),
