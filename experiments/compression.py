@@ -122,8 +122,11 @@ def held_out_notes(engines: list[Engine], run: Path | None, limit: int | None, s
     and labels."""
     notes: dict[str, Examples] = {}
     first = ""
-    for engine in {e.bundle: e for e in engines}.values():
-        source = RunDirectory(run or Path(engine.manifest.source_run))
+    by_source: dict[Path, Engine] = {}  # each run's notes are loaded once (with --run, once in all)
+    for engine in engines:
+        by_source.setdefault(run or Path(engine.manifest.source_run), engine)
+    for root, engine in by_source.items():
+        source = RunDirectory(root)
         if not source.config_file.is_file():
             sys.exit(
                 f"bundle {engine.bundle}: its source run {source.root} is missing (no {source.config_file.name}); "

@@ -193,8 +193,7 @@ def _unround_other_readers(model_file: Path) -> None:
             for index, name in enumerate(node.input):
                 node.input[index] = unrounded.get(name, name)
     read = {name for node in nodes for name in node.input}
-    pairs = [node for node in nodes if node.op_type == "DequantizeLinear" and node.input[0] in rounded]
-    for dequantize in [node for node in pairs if node.output[0] not in read]:
+    for dequantize in [node for node in nodes if node.output[0] in unrounded and node.output[0] not in read]:
         nodes.remove(dequantize)
     read = {name for node in nodes for name in node.input}
     for quantize in [node for node in nodes if node.op_type == "QuantizeLinear" and node.output[0] not in read]:

@@ -18,8 +18,8 @@ each MatMul's output, which is not faked here.
 
 The ranges are taken on the same notes the export calibrates on (the first `CALIBRATION_NOTES` training notes,
 in batches of `CALIBRATION_BATCH_SIZE`) and re-taken at the start of every epoch, as the weights move. They are
-buffers left out of the state dict: a checkpoint saves the plain model (same parameter names), which the export
-quantizes for real.
+buffers left out of the model's state dict, so a checkpoint saves the plain model (same parameter names), which
+the export quantizes for real; a resumable run's state keeps them (`ActivationRanges`).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.config import DistillArguments, LayerMap, ModelArguments
-from training.distill.losses import logit_distill_loss, uniform_layer_map
+from training.distill.losses import check_layer_map, logit_distill_loss, uniform_layer_map
 from training.distill.teacher import load_teacher
 from training.errors import ConfigError
 from training.modeling import load_tokenizer, to_device
@@ -110,12 +110,7 @@ def build_layer_distill_objective(
         raise ConfigError("--method layer-kd needs a teacher with a two-label classification head")
     student_depth, teacher_depth = model.config.num_hidden_layers, teacher.config.num_hidden_layers
     pairs = args.layer_pairs or uniform_layer_map(student_depth, teacher_depth)
-    for s, t in pairs:
-        if not (1 <= s <= student_depth and 1 <= t <= teacher_depth):
-            raise ConfigError(
-                f"--layer-map pair {s}:{t} is outside the student's {student_depth} or the teacher's "
-                f"{teacher_depth} layers"
-            )
+    check_layer_map(pairs, student_depth, teacher_depth)
     widths = ("hidden_size", "num_attention_heads")
     if any(getattr(model.config, name) != getattr(teacher.config, name) for name in widths):
         raise ConfigError(

@@ -83,6 +83,18 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> LayerMap:
     return [(k * student_layers // pairs, k * teacher_layers // pairs) for k in range(1, pairs + 1)]
 
 
+def check_layer_map(layer_map: LayerMap, student_depth: int, teacher_depth: int) -> None:
+    """A ConfigError unless every (student layer, teacher layer) pair lies within both models."""
+    if not layer_map:
+        raise ConfigError("layer_map is empty")
+    for student_layer, teacher_layer in layer_map:
+        if not (1 <= student_layer <= student_depth and 1 <= teacher_layer <= teacher_depth):
+            raise ConfigError(
+                f"--layer-map pair {student_layer}:{teacher_layer} is outside 1..{student_depth} (student) "
+                f"and 1..{teacher_depth} (teacher); layers count from 1, embeddings are not mapped"
+            )
+
+
 def pool_words(hidden: torch.Tensor, word_index: torch.Tensor, num_words: int) -> torch.Tensor:
     """Mean of each word's token states: [..., B, T, D] -> [..., B, W, D] (leading dims e.g. layers).
 
@@ -147,7 +159,7 @@ class MultiLevelDistillLoss(nn.Module):
         self.student_depth = student_config.num_hidden_layers
         self.teacher_depth = teacher_config.num_hidden_layers
         self.layer_map = self.options.layer_pairs or uniform_layer_map(self.student_depth, self.teacher_depth)
-        self._check_layer_map()
+        check_layer_map(self.layer_map, self.student_depth, self.teacher_depth)
         self.relation = self.options.hidden_loss == "relation"
         self.teacher_width = teacher_config.hidden_size
         self.projections = nn.ModuleList(
@@ -256,16 +268,6 @@ class MultiLevelDistillLoss(nn.Module):
             kl = torch.xlogy(teacher, teacher) - teacher * student.clamp(min=_TINY).log()
             per_row = torch.where(keys, kl, 0).sum(dim=-1)
         return per_row.mean(dim=(0, 2))
-
-    def _check_layer_map(self) -> None:
-        if not self.layer_map:
-            raise ConfigError("layer_map is empty")
-        for student_layer, teacher_layer in self.layer_map:
-            if not (1 <= student_layer <= self.student_depth and 1 <= teacher_layer <= self.teacher_depth):
-                raise ConfigError(
-                    f"--layer-map pair {student_layer}:{teacher_layer} is outside 1..{self.student_depth} (student) "
-                    f"and 1..{self.teacher_depth} (teacher); layers count from 1, embeddings are not mapped"
-                )
 
     def _check_inputs(
         self,
